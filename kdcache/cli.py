@@ -1,0 +1,156 @@
+"""The `kdcache` command line: parses options, builds the config, calls the stage. No logic here.
+
+Every user error ends as one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from kdcache.errors import KDCacheError
+
+
+def _given(options: dict) -> dict:
+    """Flags the user actually passed (click gives None or () for the rest)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v is not None and v != ()}
+
+
+def _config(cls, config_file, options):
+    from kdcache.config import read_yaml, resolve
+
+    file_values = read_yaml(config_file) if config_file else {}
+    return resolve(cls, file_values=file_values, overrides=_given(options), source=config_file or "options")
+
+
+config_option = click.option("--config", "config_file", type=click.Path(), help="YAML file of options; flags override it.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kdcache")
+def cli():
+    """Offline knowledge distillation: dump a teacher's outputs once, train many students from them."""
+
+
+@cli.command("dump-teacher")
+@click.option("--teacher", help="kdcache checkpoint (OUT/<student>/model.pt) or model name (with --weights).")
+@click.option("--weights", type=click.Path(), help="State dict for a teacher given by name.")
+@click.option("--dataset", help="digits, fake[:size=N,classes=C,image=S], cifar10, ..., imagefolder:PATH, module:callable.")
+@click.option("--data-root", type=click.Path(), help="Folder holding the dataset (never downloaded).")
+@click.option("--split", "splits", multiple=True, help="Split to dump; repeat for several (default: train and test).")
+@click.option("--out", help="Store to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
+@click.option("--activation", "activations", multiple=True, help="Teacher module to store, NAME[:full|attention|pool]; repeatable.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype of logits and activations (default float16).")
+@click.option("--batch-size", type=int, help="Inference batch size (default 256).")
+@click.option("--num-workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--resume", is_flag=True, default=None, help="Finish an interrupted dump of the same teacher and data.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing store once the new one is complete.")
+@config_option
+def dump_teacher_cmd(config_file, **options):
+    """Run a teacher once over a dataset and write its logits (and activations) to a store."""
+    from kdcache.config import DumpConfig
+    from kdcache.dump import dump_teacher
+
+    out = dump_teacher(_config(DumpConfig, config_file, options))
+    click.echo(f"wrote {out}")
+
+
+@cli.command("train-student")
+@click.option("--cache", help="Teacher store from dump-teacher; without it, plain training (or online KD with --teacher).")
+@click.option("--student", "students", multiple=True, help="Student model name; repeat for a sweep.")
+@click.option("--dataset", help="The dataset the cache was made from (checked by fingerprint).")
+@click.option("--data-root", type=click.Path())
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]))
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--lr-schedule", type=click.Choice(["cos", "step"]))
+@click.option("--alpha", type=float, help="KD weight at the end of its schedule (default 0.9).")
+@click.option("--alpha-start", type=float, help="KD weight at the start of its schedule (default 0).")
+@click.option("--alpha-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
+@click.option("--temperature", type=float, help="Softmax temperature of the KD term (default 4).")
+@click.option("--loss", help="Logit KD loss: soft_target (default), logits, mutual, dkd.")
+@click.option("--baseline", is_flag=True, default=None, help="Also train each student without KD.")
+@click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison.")
+@click.option("--out", help="Output folder (default runs/train).")
+@click.option("--seed", type=int)
+@click.option("--device")
+@click.option("--num-workers", type=int)
+@click.option("--overwrite", is_flag=True, default=None, help="Replace students already trained in --out.")
+@config_option
+def train_student_cmd(config_file, **options):
+    """Train students from a teacher cache, with a scheduled KD weight alpha."""
+    from kdcache.config import TrainConfig
+    from kdcache.train import train_student
+
+    train_student(_config(TrainConfig, config_file, options))
+
+
+@cli.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(store, as_json):
+    """Show what a store holds: splits, arrays, bytes per sample, teacher, dataset."""
+    from kdcache.report import describe_store, format_report
+
+    report = describe_store(store)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command("verify")
+@click.argument("store")
+def verify_cmd(store):
+    """Check a store: complete, every row written, finite values. Exit 1 on any problem."""
+    from kdcache.verify import verify_store
+
+    problems = verify_store(store)
+    for line in problems:
+        click.echo(f"problem: {line}")
+    click.echo(f"{store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    if problems:
+        sys.exit(1)
+
+
+@cli.command("layers")
+@click.argument("model")
+@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--input-size", type=int, default=32, show_default=True, help="Height and width of the probe input.")
+def layers_cmd(model, num_classes, input_size):
+    """List a model's dotted module names with output shapes (names for --activation, --feature)."""
+    from kdcache.models import create_model, list_layers
+
+    net = create_model(model, num_classes=num_classes)
+    for layer in list_layers(net, (1, 3, input_size, input_size)):
+        shape = "x".join(map(str, layer["shape"][1:])) if layer["shape"] else "-"
+        click.echo(f"{layer['name'] or '(model)':<32} {layer['type']:<20} {shape:<14} {layer['params']:>10,}")
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path())
+def run_cmd(pipeline):
+    """Run the stages of a pipeline file (see pipelines/) in order."""
+    from kdcache.pipeline import run_pipeline
+
+    run_pipeline(pipeline)
+
+
+def main(argv=None):
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except KDCacheError as e:
+        click.echo(f"kdcache: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("kdcache: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:  # bad flags: click's message, on one line
+        command = f" {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in e.ctx.command_path else ""
+        click.echo(f"kdcache{command}: error: {e.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("kdcache: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,169 @@
+"""Every setting of every stage, with its default and the reason for it.
+
+Precedence: dataclass default < `--config FILE.yaml` < command-line flag. The resolved config
+is saved with every artifact (store attrs, checkpoints, run folders).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from kdcache.errors import KDCacheError, closest
+
+
+@dataclass
+class DumpConfig:
+    teacher: str = ""  # kdcache checkpoint (OUT/<student>/model.pt) or a model name with --weights
+    weights: str | None = None  # state dict for a teacher given by name
+    dataset: str = "digits"  # registry name, imagefolder:PATH or module:callable
+    data_root: str | None = None  # where torchvision datasets live; nothing is ever downloaded
+    splits: list = field(default_factory=lambda: ["train", "test"])  # test logits give teacher agreement at eval
+    out: str = ""  # STORE.zarr (Zarr v3 directory) or STORE.h5 (HDF5 file)
+    activations: list = field(default_factory=list)  # NAME[:full|attention|pool] teacher modules to store
+    dtype: str = "float16"  # half the bytes of float32; logits lose < 1e-3 relative, far below KD noise
+    batch_size: int = 256  # inference only: larger than training batches, bounded by device memory
+    num_workers: int = 0  # loader processes; 0 keeps small datasets simplest and fastest
+    device: str = "auto"  # cuda when there is one, else cpu
+    resume: bool = False  # finish an interrupted dump (STORE.partial) instead of starting over
+    overwrite: bool = False  # replace an existing store (the old one stays until the new one is complete)
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise KDCacheError("dump-teacher needs --teacher (a kdcache checkpoint, or a model name with --weights)")
+        if not self.out:
+            raise KDCacheError("dump-teacher needs --out STORE.zarr or STORE.h5")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise KDCacheError(f"--dtype {self.dtype!r} is not supported; use float16, bfloat16 or float32")
+        _positive("batch_size", self.batch_size)
+        _non_negative("num_workers", self.num_workers)
+        if not self.splits:
+            raise KDCacheError("dump-teacher needs at least one --split")
+        if len(set(self.splits)) != len(self.splits):
+            raise KDCacheError(f"--split repeats a split ({', '.join(self.splits)}); name each once")
+        if self.resume and self.overwrite:
+            raise KDCacheError("--resume and --overwrite contradict each other; pass one")
+
+
+@dataclass
+class TrainConfig:
+    students: list = field(default_factory=list)  # model names; several make a sweep
+    cache: str | None = None  # teacher store; none means plain training (or online KD with --teacher)
+    teacher: str | None = None  # checkpoint for online KD when there is no cache
+    dataset: str = "digits"  # must be the dataset the cache was made from (checked by fingerprint)
+    data_root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    epochs: int = 10
+    batch_size: int = 64  # small data sets like digits need many steps more than big batches
+    optimizer: str = "sgd"  # sgd or adamw
+    lr: float = 0.05  # SGD with momentum, BN everywhere: 0.05 trains CIFAR-style nets stably
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # the CIFAR ResNet default
+    lr_schedule: str = "cos"  # cos (to zero) or step (x0.1 at 50% and 75% of training)
+    alpha: float = 0.9  # weight of the KD term at the end of its schedule (Hinton: most weight on soft targets)
+    alpha_start: float = 0.0  # weight of the KD term at the start (unused by the constant schedule)
+    alpha_schedule: str = "constant"  # constant, linear, cos, step, one_cycle or agp
+    temperature: float = 4.0  # softens targets; 4 is the common choice for CIFAR-scale class counts
+    loss: str = "soft_target"  # logit loss between student and teacher
+    baseline: bool = False  # also train each student without KD, for comparison
+    out: str = "runs/train"  # OUT/<student>/{model.pt, metrics.jsonl}, OUT/summary.csv
+    seed: int = 0  # model init and data order
+    device: str = "auto"
+    num_workers: int = 0
+    overwrite: bool = False  # replace existing student folders in OUT
+
+    def validate(self) -> None:
+        if not self.students:
+            raise KDCacheError("train-student needs at least one --student MODEL")
+        if len(set(self.students)) != len(self.students):
+            raise KDCacheError(f"--student repeats a model ({', '.join(self.students)}); name each once")
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("lr", self.lr)
+        _positive("temperature", self.temperature)
+        _non_negative("weight_decay", self.weight_decay)
+        _non_negative("num_workers", self.num_workers)
+        for name in ("alpha", "alpha_start", "momentum"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise KDCacheError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise KDCacheError(f"--optimizer {self.optimizer!r} is not supported; use sgd or adamw")
+        if self.lr_schedule not in ("cos", "step"):
+            raise KDCacheError(f"--lr-schedule {self.lr_schedule!r} is not supported; use cos or step")
+        if self.cache and self.teacher:
+            raise KDCacheError("pass --cache (offline KD) or --teacher (online KD), not both")
+
+
+def _positive(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise KDCacheError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+
+
+def _non_negative(name, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise KDCacheError(f"--{name.replace('_', '-')} must be zero or more, got {value!r}")
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise KDCacheError(f"config file '{path}' does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)  # plain data only: no tags that build objects
+    except yaml.YAMLError as e:
+        raise KDCacheError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KDCacheError(f"config file '{path}' must hold a mapping of option: value")
+    return data
+
+
+def resolve(cls, *, file_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
+    """`cls` built from defaults, then `file_values`, then `overrides` (None means 'not given')."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {"student": "students", "split": "splits", "activation": "activations"}
+    values = {}
+    for layer in (file_values or {}, overrides or {}):
+        for key, value in layer.items():
+            key = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
+            if key not in names:
+                raise KDCacheError(f"unknown option '{key}' in {source}; did you mean {closest(key, names)}?")
+            if value is None:
+                continue
+            default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else names[key].default
+            if isinstance(default, list) and not isinstance(value, (list, tuple)):
+                value = [value]
+            values[key] = _coerce(key, value, default)
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def _coerce(key, value, default):
+    """YAML and flags give strings, ints and floats; make them the field's type or say why not."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise KDCacheError(f"option '{key}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        kind = type(default)
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kind is int and not number.is_integer()):
+            what = "an integer" if kind is int else "a number"
+            raise KDCacheError(f"option '{key}' must be {what}, got {value!r}")
+        return kind(number)
+    if isinstance(default, list):
+        return [str(v) for v in value]
+    return value
+
+
+def as_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

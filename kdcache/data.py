@@ -1,0 +1,283 @@
+"""Datasets by name, split by split, with the fingerprint that ties a cache to its data.
+
+Registry names: `digits` (bundled with scikit-learn), `fake[:size=N,classes=C,image=S]`
+(torchvision FakeData), torchvision datasets read from `--data-root` (never downloaded),
+`imagefolder:PATH`, and `module:callable` for a user's own dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kdcache.errors import KDCacheError, closest
+
+DATASETS: dict = {}
+
+
+def register_dataset(fn):
+    """Register `fn(split, root, **options) -> SplitData` under its function name."""
+    DATASETS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+@dataclass
+class SplitData:
+    """One split of one dataset, and what identifies it.
+
+    `dataset[i]` is `(x [C, H, W] float tensor, y int)`, in the split's fixed order.
+    """
+
+    name: str  # the spec the user gave, e.g. "digits" or "fake:size=512"
+    split: str
+    dataset: torch.utils.data.Dataset
+    labels: np.ndarray  # [N] int64, in dataset order
+    num_classes: int
+    class_names: list = field(default_factory=list)
+    transform: str = ""  # a readable description of the eval transform, kept in the store's attrs
+    paths: list | None = None  # file paths in order, when the data are files
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.dataset[0][0].shape[0])
+
+    def fingerprint(self) -> str:
+        """sha256 of what identifies the data in order: length, labels, and file paths or
+        the raw bytes of up to 16 evenly spaced samples."""
+        h = hashlib.sha256()
+        h.update(f"{len(self)}|{self.num_classes}|".encode())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        if self.paths is not None:
+            h.update("\n".join(map(str, self.paths)).encode())
+        else:
+            for i in np.linspace(0, len(self) - 1, num=min(16, len(self)), dtype=np.int64):
+                x = self.dataset[int(i)][0]
+                h.update(np.ascontiguousarray(torch.as_tensor(x).numpy()).tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """The dataset block of a store's split attrs."""
+        return {
+            "name": self.name, "split": self.split, "length": len(self), "num_classes": self.num_classes,
+            "class_names": list(self.class_names), "fingerprint": self.fingerprint(),
+        }
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Yields `(x, y, i)`: the sample index is how a batch finds its rows in the cache."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Images already in memory as one tensor [N, C, H, W]: the small built-in datasets."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray):
+        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def _check_split(dataset: str, split: str, splits) -> None:
+    if split not in splits:
+        raise KDCacheError(f"dataset '{dataset}' has no split '{split}'; its splits are {', '.join(splits)}")
+
+
+# --- built-in: digits ----------------------------------------------------------------------
+
+DIGITS_TRAIN = 1437  # 80% of scikit-learn's 1797 digits; the rest (360) is the test split
+DIGITS_SPLIT_SEED = 0  # the fixed permutation that assigns digits to splits
+
+
+def digits_tensors(split: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Digits as [N, 3, 32, 32] float tensors in [-1, 1] and their labels, in the fixed split order.
+
+    The 8x8 images (values 0..16) are upsampled bilinearly to 32x32 and repeated to 3 channels,
+    so every CIFAR-style model runs on them unchanged.
+    """
+    from sklearn.datasets import load_digits  # deferred: scikit-learn imports in ~1 s
+
+    bunch = load_digits()
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(bunch.target))
+    idx = order[:DIGITS_TRAIN] if split == "train" else order[DIGITS_TRAIN:]
+    x = torch.tensor(bunch.images[idx], dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) - 0.5) / 0.5
+    return x.repeat(1, 3, 1, 1).contiguous(), bunch.target[idx].astype(np.int64)
+
+
+@register_dataset
+def digits(split: str, root=None) -> SplitData:
+    _check_split("digits", split, ("train", "test"))
+    images, labels = digits_tensors(split)
+    return SplitData(
+        name="digits", split=split, dataset=TensorDataset(images, labels), labels=labels, num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        transform="8x8 /16, bilinear to 32x32, (x-0.5)/0.5, 3 channels",
+    )
+
+
+# --- built-in: FakeData --------------------------------------------------------------------
+
+FAKE_TEST_OFFSET = 1_000_000  # test images are drawn from seeds that train never uses
+
+
+@register_dataset
+def fake(split: str, root=None, size: int = 1000, classes: int = 10, image: int = 32) -> SplitData:
+    """torchvision FakeData: random images, deterministic per index, with no class structure."""
+    from torchvision import datasets, transforms
+
+    _check_split("fake", split, ("train", "test"))
+    size, classes, image = int(size), int(classes), int(image)
+    if size < 1 or classes < 2 or image < 8:
+        raise KDCacheError(f"fake dataset needs size >= 1, classes >= 2, image >= 8; got size={size}, classes={classes}, image={image}")
+    offset = 0 if split == "train" else FAKE_TEST_OFFSET
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    ds = datasets.FakeData(size=size, image_size=(3, image, image), num_classes=classes, transform=tf, random_offset=offset)
+    labels = _fake_labels(size, classes, (3, image, image), offset)
+    return SplitData(name=f"fake:size={size},classes={classes},image={image}", split=split, dataset=ds,
+                     labels=labels, num_classes=classes, class_names=[str(i) for i in range(classes)],
+                     transform="ToTensor, Normalize(0.5, 0.5)")
+
+
+def _fake_labels(size, classes, shape, offset) -> np.ndarray:
+    """FakeData's labels without decoding images: it seeds torch with index + offset, draws the
+    image, then the label; the same draws on a private generator give the same label."""
+    labels = np.empty(size, dtype=np.int64)
+    g = torch.Generator()
+    for i in range(size):
+        g.manual_seed(i + offset)
+        torch.randn(*shape, generator=g)
+        labels[i] = int(torch.randint(0, classes, (1,), generator=g, dtype=torch.long)[0])
+    return labels
+
+
+# --- torchvision datasets from a local root --------------------------------------------------
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _torchvision_split(name, cls_name, split, root, splits, make_kwargs, gray=False) -> SplitData:
+    from torchvision import datasets, transforms
+
+    _check_split(name, split, splits)
+    if root is None:
+        raise KDCacheError(f"dataset '{name}' is read from disk: pass --data-root DIR (kdcache never downloads)")
+    if not os.path.isdir(root):
+        raise KDCacheError(f"data root '{root}' does not exist; pass the folder that holds {name}")
+    steps = [transforms.Grayscale(3), transforms.Pad(2)] if gray else []
+    mean, std = ((0.5,) * 3, (0.5,) * 3) if gray else (CIFAR_MEAN, CIFAR_STD)
+    tf = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+    try:
+        ds = getattr(datasets, cls_name)(root, transform=tf, download=False, **make_kwargs(split))
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise KDCacheError(f"{name} not found under '{root}' ({e}); place the dataset there (kdcache never downloads)") from None
+    labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels, dtype=np.int64)
+    classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1)]
+    return SplitData(name=name, split=split, dataset=ds, labels=labels, num_classes=len(classes),
+                     class_names=[str(c) for c in classes], transform=repr(tf).replace("\n", ""))
+
+
+def _train_flag(split):
+    return {"train": split == "train"}
+
+
+TORCHVISION = {
+    "cifar10": ("CIFAR10", ("train", "test"), _train_flag, False),
+    "cifar100": ("CIFAR100", ("train", "test"), _train_flag, False),
+    "mnist": ("MNIST", ("train", "test"), _train_flag, True),
+    "fashionmnist": ("FashionMNIST", ("train", "test"), _train_flag, True),
+    "svhn": ("SVHN", ("train", "test", "extra"), lambda s: {"split": s}, False),
+}
+
+
+def _imagefolder(path: str, split: str, image: int = 224) -> SplitData:
+    from torchvision import datasets, transforms
+
+    if not os.path.isdir(path):
+        raise KDCacheError(f"imagefolder '{path}' does not exist; give a folder with one subfolder per split")
+    folder = os.path.join(path, split)
+    if not os.path.isdir(folder):
+        found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        raise KDCacheError(f"imagefolder '{path}' has no split '{split}'; its splits are {', '.join(found) or 'none'}")
+    image = int(image)
+    tf = transforms.Compose([transforms.Resize(image * 8 // 7), transforms.CenterCrop(image), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ds = datasets.ImageFolder(folder, transform=tf)
+    paths = [os.path.relpath(p, path) for p, _ in ds.samples]  # relative: a moved copy keeps its fingerprint
+    return SplitData(name=f"imagefolder:{path}", split=split, dataset=ds, labels=np.asarray(ds.targets, dtype=np.int64),
+                     num_classes=len(ds.classes), class_names=list(ds.classes), transform=repr(tf).replace("\n", ""),
+                     paths=paths)
+
+
+def _user_dataset(spec: str, split: str, root) -> SplitData:
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise KDCacheError(f"cannot load dataset '{spec}' ({e}); give module:callable importable from here") from None
+    ds = fn(split=split, root=root)
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = [int(ds[i][1]) for i in range(len(ds))]
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    return SplitData(name=spec, split=split, dataset=ds, labels=labels, num_classes=len(classes),
+                     class_names=[str(c) for c in classes], transform=f"{spec}(split={split!r})")
+
+
+def _parse_options(text: str) -> dict:
+    options = {}
+    for part in filter(None, text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise KDCacheError(f"dataset option '{part}' is not key=value (example: fake:size=512,classes=10)")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS) + sorted(TORCHVISION) + ["imagefolder:PATH", "module:callable"]
+
+
+def load_split(spec: str, split: str, *, root: str | None = None) -> SplitData:
+    """The split `split` of dataset `spec`; every way of naming a dataset comes through here."""
+    name, colon, rest = spec.partition(":")
+    if name in DATASETS:
+        try:
+            data = DATASETS[name](split, root, **_parse_options(rest))
+        except TypeError as e:
+            raise KDCacheError(f"bad options for dataset '{name}': {e}") from None
+    elif name in TORCHVISION:
+        cls_name, splits, make_kwargs, gray = TORCHVISION[name]
+        data = _torchvision_split(name, cls_name, split, root, splits, make_kwargs, gray)
+    elif name == "imagefolder" and colon:
+        path, _, opts = rest.partition(",")
+        data = _imagefolder(path, split, **_parse_options(opts))
+    elif colon:
+        data = _user_dataset(spec, split, root)
+    else:
+        raise KDCacheError(f"unknown dataset '{spec}'; did you mean {closest(spec, dataset_names())}?")
+    if len(data) == 0:
+        raise KDCacheError(f"dataset '{spec}' split '{split}' is empty; check the data root and split name")
+    return data

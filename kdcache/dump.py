@@ -1,0 +1,216 @@
+"""Stage 1, `dump-teacher`: run the teacher once over each split and write what students need.
+
+dataset (eval transform, fixed order) -> DataLoader (no shuffle) -> teacher (inference mode,
+autocast on GPU) -> hooks -> device-to-host copy -> ChunkWriter thread -> store; complete last.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from kdcache import store as stores
+from kdcache.config import DumpConfig, as_dict, resolve
+from kdcache.data import SplitData, load_split
+from kdcache.errors import KDCacheError
+from kdcache.hooks import REDUCTIONS, capture, parse_activation
+from kdcache.models import build_teacher
+from kdcache.writer import ChunkWriter
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KDCacheError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise KDCacheError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Identity of weights that came from no file (a name-only teacher)."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def encode(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A teacher output in the store's dtype, still on its device (halves the copy for fp16)."""
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16)  # stored as uint16 bits; int16 is the same bits
+    return t.to(getattr(torch, dtype))
+
+
+def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
+    """Run the teacher over every split of `cfg` into a store; return the store's path.
+
+    Python API: `kdcache.dump_teacher(teacher="runs/t/resnet20/model.pt", dataset="digits",
+    out="cache.zarr")` takes the same options as the command line.
+    """
+    cfg = cfg or resolve(DumpConfig, overrides=options, source="dump_teacher()")
+    out = cfg.out.rstrip("/")
+    partial = stores.partial_path(out)
+    stores.backend_for(out)  # an unknown suffix fails before any work
+    if os.path.exists(out) and not (cfg.overwrite or cfg.resume):
+        raise KDCacheError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if os.path.exists(partial) and not (cfg.overwrite or cfg.resume):
+        raise KDCacheError(f"an interrupted dump exists at '{partial}'; pass --resume to finish it or --overwrite to start over")
+    if cfg.resume and not os.path.exists(partial):
+        if os.path.exists(out):
+            print(f"{out} is already complete; nothing to resume")
+            return out
+        raise KDCacheError(f"nothing to resume: neither '{partial}' nor '{out}' exists; run without --resume")
+
+    device = resolve_device(cfg.device)
+    teacher, info = build_teacher(cfg.teacher, num_classes=None, weights=cfg.weights)
+    teacher.to(device).eval()
+    info = dict(info, weights_sha256=info.get("weights_sha256") or state_dict_sha256(teacher))
+    activations = [parse_activation(a) for a in cfg.activations]
+    if len({name for name, _ in activations}) != len(activations):
+        raise KDCacheError("--activation names a module twice; store each module in one form")
+    splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
+    for data in splits:
+        if data.num_classes != info["num_classes"]:
+            raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has {data.num_classes}; "
+                               "use the teacher trained on this dataset")
+
+    root_attrs = {
+        "schema_version": stores.SCHEMA_VERSION,
+        "kdcache_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "teacher": info,
+        "splits": list(cfg.splits),
+        "dtype": cfg.dtype,
+        "encoding": stores.STORAGE_DTYPES[cfg.dtype][1],
+        "views": 1,
+        "topk": None,
+        "activations": {name: {"form": form} for name, form in activations},
+        "config": as_dict(cfg),
+    }
+    if cfg.resume:
+        store = stores.backend_for(partial)(partial, read_only=False)
+        _check_resumable(store, root_attrs, splits)
+    else:
+        store = stores.create_store(partial)
+        store.update_attrs(root_attrs)
+    try:
+        for data in splits:
+            _dump_split(store, teacher, data, activations, cfg, device)
+        store.update_attrs({"complete": True})  # written last: only now does the store read as complete
+    finally:
+        store.close()
+    if os.path.exists(out):  # --overwrite: the old store goes only once the new one is whole
+        stores.remove_store(out)
+    os.replace(partial, out)
+    return out
+
+
+def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, device) -> None:
+    split, n = data.split, len(data)
+    if store.get_attrs(split).get("complete") if split in store.group_names() else False:
+        return
+    shapes = _probe(teacher, data, activations, device)
+    storage_dtype = stores.STORAGE_DTYPES[cfg.dtype][0]
+    specs = {"logits": ((n, 1) + shapes["logits"], storage_dtype)}
+    for name, form in activations:
+        specs[f"activations/{name}"] = ((n, 1) + shapes[name], storage_dtype)
+    arrays = {}
+    for key, (shape, dtype) in specs.items():
+        path = f"{split}/{key}"
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        rows = stores.chunk_rows(row_bytes, n)
+        if not store.has_array(path):
+            store.create_array(path, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:])
+        arrays[path] = (store.array(path), rows)
+    if not store.has_array(f"{split}/labels"):
+        labels = store.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(stores.chunk_rows(8, n),))
+        labels[:] = data.labels
+        store.update_attrs({"dataset": data.describe(), "transform": data.transform, "rows_written": 0,
+                            "complete": False}, group=split)
+
+    # restart where every array begins a fresh chunk: chunk sizes are powers of two, so the
+    # largest one's boundaries are boundaries of all
+    done = store.get_attrs(split).get("rows_written", 0)
+    step = max(rows for _, rows in arrays.values())
+    start = done if done >= n else done - done % step
+
+    def progress(rows):
+        store.update_attrs({"rows_written": rows}, group=split)
+
+    writer = ChunkWriter(arrays, start_row=start, on_progress=progress)
+    subset = torch.utils.data.Subset(data.dataset, range(start, n))
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, shuffle=False,
+                                         num_workers=cfg.num_workers, pin_memory=cuda)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, initial=start, unit="samples", desc=f"dump {split}", disable=None, unit_scale=True)
+    names = [name for name, _ in activations]
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", enabled=cuda), capture(teacher, names) as acts:
+            row = start
+            for x, _ in loader:
+                x = x.to(device, non_blocking=True)
+                logits = teacher(x).float()
+                _check_finite(logits, row)
+                rows = {f"{split}/logits": encode(logits, cfg.dtype).unsqueeze(1)}
+                for name, form in activations:
+                    rows[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()), cfg.dtype).unsqueeze(1)
+                # copies are queued behind the teacher's kernels; the writer waits on the event
+                host = {k: v.to("cpu", non_blocking=cuda) for k, v in rows.items()}
+                ready = torch.cuda.Event() if cuda else None
+                if ready is not None:
+                    ready.record()
+                writer.put(host, ready)
+                row += len(x)
+                bar.update(len(x))
+    finally:
+        bar.close()
+        writer.close()
+    store.update_attrs({"complete": True}, group=split)
+
+
+def _check_finite(logits: torch.Tensor, first_row: int) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        row = first_row + int(bad.nonzero()[0])
+        raise KDCacheError(f"teacher output for sample {row} is not finite (NaN or Inf); check the teacher weights and input")
+
+
+def _probe(teacher, data: SplitData, activations, device) -> dict:
+    """Per-sample shapes of the logits and each stored activation form, from one sample."""
+    x = data.dataset[0][0].unsqueeze(0).to(device)
+    with torch.inference_mode(), capture(teacher, [n for n, _ in activations]) as acts:
+        logits = teacher(x)
+    shapes = {"logits": tuple(logits.shape[1:])}
+    for name, form in activations:
+        shapes[name] = tuple(REDUCTIONS[form](acts[name].float()).shape[1:])
+    return shapes
+
+
+def _check_resumable(store, attrs: dict, splits) -> None:
+    old = store.get_attrs()
+    for key in ("teacher", "splits", "dtype", "activations"):
+        if old.get(key) != attrs[key]:
+            raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "
+                               f"({old.get(key)} vs {attrs[key]}); pass --overwrite to start over")
+    for data in splits:
+        if data.split in store.group_names():
+            recorded = store.get_attrs(data.split).get("dataset", {}).get("fingerprint")
+            if recorded is not None and recorded != data.fingerprint():
+                raise KDCacheError(f"cannot resume '{store.path}': split '{data.split}' holds different data "
+                                   "(fingerprint mismatch); pass --overwrite to start over")
+
+
+def _version() -> str:
+    from kdcache import __version__
+
+    return __version__

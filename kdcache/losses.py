@@ -1,0 +1,359 @@
+"""Distillation losses as pure tensor functions: logit losses, feature losses and the KD objective.
+
+The trainer picks them by name from LOGIT_LOSSES / FEATURE_LOSSES and combines and weights them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Every loss returns a scalar tensor. Teacher arguments are targets: cached tensors carry no grad,
+# and a caller with a live teacher (mutual learning) passes it detached. Teacher tensors are cast
+# to the student's dtype because caches often hold float16 while students train in float32.
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit losses: student_logits, teacher_logits [B, C]
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_target(student_logits, teacher_logits, T=4.0):
+    """Soft-target KD: T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over batch.
+
+    Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS DL workshop 2015.
+    The T^2 factor keeps the gradient's size independent of T:
+    d/ds = T * (softmax(s/T) - softmax(t/T)) / B.
+    Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
+    """
+    _same_shape("soft_target", student_logits, teacher_logits)
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    log_ps = F.log_softmax(student_logits / T, dim=1)
+    log_pt = F.log_softmax(teacher_logits / T, dim=1)
+    # log_target avoids log(0) for classes the teacher rules out entirely
+    return T * T * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+
+
+def logits(student_logits, teacher_logits):
+    """Logit regression: mean over all B*C entries of (s - t)^2.
+
+    Ba & Caruana, "Do Deep Nets Really Need to be Deep?", NIPS 2014.
+    Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
+    """
+    _same_shape("logits", student_logits, teacher_logits)
+    return F.mse_loss(student_logits, teacher_logits.to(student_logits.dtype))
+
+
+def mutual(student_logits, teacher_logits):
+    """Mutual-learning KL: KL(softmax(t) || softmax(s)) at T = 1, summed over classes, batch mean.
+
+    Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018. With a live peer network,
+    pass its logits detached: each peer learns from the other's prediction as a fixed target.
+    Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
+    """
+    return soft_target(student_logits, teacher_logits, T=1.0)
+
+
+def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0, normalize=False):
+    """Decoupled KD: alpha * TCKD + beta * NCKD (normalize=False), or NKD (normalize=True).
+
+    normalize=False -- Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022,
+    as in the official mdistiller code. With p = softmax(z/T), g the target class and
+    b = [p_g, 1 - p_g]:
+        TCKD = T^2 * mean_batch KL(b_teacher || b_student)
+        NCKD = T^2 * mean_batch KL(p^_teacher || p^_student),
+    where p^ = softmax(z/T - 1000 * onehot(g)) is the distribution over the non-target classes
+    (the target logit is pushed down by 1000, which makes its probability exactly 0). Plain KD
+    equals TCKD + (1 - p_g_teacher) * NCKD; DKD drops that weight so NCKD no longer depends on
+    the teacher's target probability. The paper's CIFAR recipe is alpha=1, beta=8, T=4.
+
+    normalize=True -- NKD: Yang, Zeng, Li, Zhang, Yuan & Li, "From Knowledge Distillation to
+    Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft
+    Labels", ICCV 2023, as in its official code (gamma = beta):
+        loss = alpha * mean_batch[-q_g_teacher * log q_g_student]
+             + beta * T^2 * mean_batch[-sum_{i != g} p^_teacher_i * log p^_student_i],
+    where q = softmax(z) at T = 1 (the target term takes no temperature) and p^ is the
+    renormalised non-target distribution at T, as above. Both terms are cross-entropies as in
+    the paper, so the value is not 0 when student equals teacher; the gradient is that of the
+    KL form. The paper's recipe is alpha=1, beta=1.5, T=1.
+
+    Shapes: student_logits, teacher_logits [B, C] (C >= 2); target [B] class indices.
+    Returns a scalar.
+    """
+    _same_shape("dkd", student_logits, teacher_logits)
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    if target.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"dkd: target {tuple(target.shape)} should hold one class index per sample, "
+            f"shape ({student_logits.shape[0]},); pass argmax of soft labels"
+        )
+    gt = F.one_hot(target.long(), student_logits.shape[1]).to(torch.bool)
+
+    if normalize:
+        log_qs = F.log_softmax(student_logits, dim=1)[gt]
+        qt = F.softmax(teacher_logits, dim=1)[gt]
+        target_term = -(qt * log_qs).mean()
+        log_ps_nt = _non_target_log_softmax(student_logits / T, gt)
+        pt_nt = _non_target_log_softmax(teacher_logits / T, gt).exp()
+        non_target_term = -(pt_nt * log_ps_nt).sum(dim=1).mean()
+        return alpha * target_term + beta * T * T * non_target_term
+
+    tckd = T * T * _binary_kl(teacher_logits / T, student_logits / T, gt)
+    log_ps_nt = _non_target_log_softmax(student_logits / T, gt)
+    log_pt_nt = _non_target_log_softmax(teacher_logits / T, gt)
+    nckd = T * T * F.kl_div(log_ps_nt, log_pt_nt, reduction="batchmean", log_target=True)
+    return alpha * tckd + beta * nckd
+
+
+def _non_target_log_softmax(z, gt):
+    # the official code's mask: -1000 rather than -inf, since -inf turns 0 * (-inf - -inf) into NaN
+    return F.log_softmax(z - 1000.0 * gt.to(z.dtype), dim=1)
+
+
+def _binary_kl(zt, zs, gt):
+    """mean_batch KL([p_g, 1 - p_g] teacher || same for student), p = softmax(z), z [B, C]."""
+    # log(1 - p_g) as logsumexp(non-target) - logsumexp(all): mdistiller takes log of the summed
+    # probabilities, which gives -inf once a confident p_g rounds to 1
+    def log_binary(z):
+        log_all = torch.logsumexp(z, dim=1)
+        log_g = z[gt] - log_all
+        log_rest = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1) - log_all
+        return torch.stack([log_g, log_rest], dim=1)
+
+    return F.kl_div(log_binary(zs), log_binary(zt), reduction="batchmean", log_target=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature losses: fs student, ft teacher; [B, C, H, W] maps or [B, D] vectors
+# ---------------------------------------------------------------------------------------------
+
+
+def fitnet(fs, ft):
+    """FitNets hint loss: mean over all elements of (fs - ft)^2.
+
+    Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+    The paper's regressor is the trainer's adapter, applied to fs before this call.
+    Shapes: fs, ft equal, e.g. [B, C, H, W] or [B, D]; returns a scalar.
+    """
+    _same_shape("fitnet", fs, ft)
+    return F.mse_loss(fs, ft.to(fs.dtype))
+
+
+def attention_map(x, p=2):
+    """Un-normalised attention map: mean over channels of |x|^p, [B, C, H, W] -> [B, H, W].
+
+    A 3-D x is taken to be such a map already (the cached "attention" form) and returned as is.
+    Half-precision input is reduced in float32: squares of activations above 256 overflow float16.
+    """
+    if x.dim() == 3:
+        return x
+    if x.dim() != 4:
+        raise ValueError(
+            f"attention needs a [B, C, H, W] feature map or a [B, H, W] attention map, "
+            f"got shape {tuple(x.shape)}; use fitnet/similarity/pkt/rkd for vector features"
+        )
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x.abs().pow(p).mean(dim=1)
+
+
+def attention(fs, ft, p=2):
+    """Attention transfer: mean over B*H*W of (a(fs) - a(ft))^2, a = normalize(attention_map(x, p)).
+
+    Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017; the normalisation is
+    the reference code's: at(x) = F.normalize(x.pow(p).mean(1).view(B, -1)), loss
+    (at(x) - at(y)).pow(2).mean(), i.e. the squared L2 distance of the per-sample unit vectors
+    divided by H*W, mean over batch. The paper's beta (1e3 in the code) is the caller's weight.
+    Either argument may be a full map [B, C, H, W] or a cached map [B, H, W] = attention_map(x, 2);
+    both give the same loss. A cached map only serves p = 2. Spatial sizes must match (the trainer
+    interpolates). Returns a scalar.
+    """
+    for name, x in (("fs", fs), ("ft", ft)):
+        if x.dim() == 3 and p != 2:
+            raise ValueError(
+                f"attention: {name} is a cached [B, H, W] attention map, which holds mean |x|^2 "
+                f"only, but p={p}; use p=2 or cache the full feature map"
+            )
+    a_s, a_t = attention_map(fs, p), attention_map(ft, p)
+    if a_s.shape != a_t.shape:
+        raise ValueError(
+            f"attention: student map {tuple(a_s.shape)} and teacher map {tuple(a_t.shape)} differ "
+            f"(as [B, H, W]); interpolate the student feature to the teacher's spatial size first"
+        )
+    a_t = a_t.to(a_s.dtype)
+    a_s = F.normalize(a_s.reshape(a_s.shape[0], -1), dim=1)
+    a_t = F.normalize(a_t.reshape(a_t.shape[0], -1), dim=1)
+    return (a_s - a_t).pow(2).mean()
+
+
+def activation_boundaries(fs, ft, m=1.0):
+    """Activation-boundary loss on pre-ReLU features, mean over all elements of
+
+        (fs + m)^2 * [fs > -m and ft <= 0] + (fs - m)^2 * [fs <= m and ft > 0].
+
+    Heo, Lee, Yun & Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+    Hidden Neurons", AAAI 2019 (the alternative hinge loss). The student is pushed to within margin
+    m on the teacher's side of 0 for every neuron. The official code sums over elements and divides
+    by batch size (and by 1000); the mean here differs from that by the constant C*H*W*1000, which
+    the caller's weight absorbs.
+    Shapes: fs, ft equal, pre-ReLU, e.g. [B, C, H, W]; returns a scalar.
+    """
+    _same_shape("activation_boundaries", fs, ft)
+    teacher_on = ft > 0
+    push_down = (fs + m).pow(2) * ((fs > -m) & ~teacher_on)
+    push_up = (fs - m).pow(2) * ((fs <= m) & teacher_on)
+    return (push_down + push_up).mean()
+
+
+def similarity(fs, ft):
+    """Similarity-preserving KD: ||G_s - G_t||_F^2 / B^2, G = row_l2_normalize(f f^T), f flattened.
+
+    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
+    Shapes: fs [B, ...], ft [B, ...]; only the batch size must match, feature sizes may differ.
+    Returns a scalar.
+    """
+    f_s, f_t = _flat_pair("similarity", fs, ft)
+    g_s = F.normalize(f_s @ f_s.t(), dim=1)
+    g_t = F.normalize(f_t @ f_t.t(), dim=1)
+    return (g_s - g_t).pow(2).sum() / f_s.shape[0] ** 2
+
+
+def pkt(fs, ft, eps=1e-7):
+    """Probabilistic knowledge transfer: KL between cosine-kernel conditional distributions.
+
+    Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV
+    2018. With f flattened to [B, D], K_ij = (1 + cos(f_i, f_j)) / 2, P_ij = K_ij / sum_j K_ij:
+        loss = mean over all B*B pairs (i, j) of P^t_ij * log((P^t_ij + eps) / (P^s_ij + eps)),
+    i.e. sum_i KL(P^t_i || P^s_i) / B^2, as in the reference code (which keeps the i = j terms).
+    Norms get + eps so an all-zero row gives cosine 0 rather than NaN.
+    Shapes: fs [B, ...], ft [B, ...]; only the batch size must match. Returns a scalar.
+    """
+    f_s, f_t = _flat_pair("pkt", fs, ft)
+
+    def conditional(f):
+        f = f / (f.norm(dim=1, keepdim=True) + eps)
+        k = (f @ f.t() + 1.0) / 2.0
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s, p_t = conditional(f_s), conditional(f_t)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def rkd(fs, ft, distance_weight=25.0, angle_weight=50.0):
+    """Relational KD: distance_weight * L_D + angle_weight * L_A.
+
+    Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019, as in the official code.
+    With f flattened to [B, D] and d_ij = ||f_i - f_j||:
+        L_D = mean over all B*B (i, j) of smooth_l1(d^s_ij / mu_s, d^t_ij / mu_t),
+              mu = mean of d_ij over i != j;
+        L_A = mean over all B^3 (i, j, k) of smooth_l1(cos^s_ijk, cos^t_ijk),
+              cos_ijk = <f_i - f_j, f_k - f_j> / (d_ij d_kj), 0 where i = j or k = j.
+    smooth_l1 has beta = 1. Both are computed from the Gram matrix of batch-centred features: the
+    official code builds the [B, B, D] difference tensor, which for a flattened [B, C*H*W] map is
+    gigabytes; centring (distances and angles are translation invariant) limits the cancellation
+    the Gram route otherwise suffers when samples are close. Shapes: fs [B, ...], ft [B, ...];
+    only the batch size must match (B >= 2). Returns a scalar.
+    """
+    f_s, f_t = _flat_pair("rkd", fs, ft)
+    if f_s.shape[0] < 2:
+        raise ValueError("rkd compares samples within a batch, so it needs a batch of at least 2")
+    d_s, cos_s = _distances_and_angles(f_s)
+    d_t, cos_t = _distances_and_angles(f_t)
+    distance = F.smooth_l1_loss(d_s, d_t)
+    angle = F.smooth_l1_loss(cos_s, cos_t)
+    return distance_weight * distance + angle_weight * angle
+
+
+def _distances_and_angles(f):
+    """Mean-normalised distances [B, B] and angle cosines [B, B, B] (anchor j in the middle)."""
+    b = f.shape[0]
+    f = f - f.mean(dim=0, keepdim=True)
+    gram = f @ f.t()
+    sq_norm = gram.diagonal()
+    sq_dist = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
+    eye = torch.eye(b, dtype=torch.bool, device=f.device)
+    # the clamp keeps sqrt's gradient finite at zero distance, as the official pdist does
+    dist = sq_dist.clamp(min=1e-12).sqrt().masked_fill(eye, 0.0)
+    off_diag = ~eye
+    dist_normed = dist / dist[off_diag].mean()
+
+    # <f_i - f_j, f_k - f_j> = G_ik - G_ij - G_jk + G_jj, laid out as [i, j, k]
+    inner = gram[:, None, :] - gram[:, :, None] - gram[None, :, :] + sq_norm[None, :, None]
+    safe = dist.masked_fill(eye, 1.0)  # i = j terms are masked below; avoid dividing by ~0
+    cos = inner / (safe[:, :, None] * safe.t()[None, :, :])
+    degenerate = eye[:, :, None] | eye.t()[None, :, :]  # i = j or k = j
+    cos = cos.masked_fill(degenerate, 0.0)
+    return dist_normed, cos
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries and the KD objective
+# ---------------------------------------------------------------------------------------------
+
+# dkd also takes target; the others take (student_logits, teacher_logits)
+LOGIT_LOSSES = {
+    "soft_target": soft_target,
+    "logits": logits,
+    "mutual": mutual,
+    "dkd": dkd,
+}
+
+FEATURE_LOSSES = {
+    "fitnet": fitnet,
+    "attention": attention,
+    "activation_boundaries": activation_boundaries,
+    "similarity": similarity,
+    "pkt": pkt,
+    "rkd": rkd,
+}
+
+# Which cached reduced forms of a teacher feature each loss can train from; the student feature is
+# reduced the same way. "full" = module output as is, "attention" = attention_map(x, 2) [B, H, W],
+# "pool" = global average pool [B, C].
+FEATURE_LOSS_FORMS = {
+    # pool(adapter(x)) = adapter(pool(x)) for a 1x1-conv adapter, so the pooled hint is the hint
+    # of the pooled feature; MSE between unnormalised attention maps is not FitNets
+    "fitnet": frozenset({"full", "pool"}),
+    # needs a spatial map; a pooled vector has none
+    "attention": frozenset({"full", "attention"}),
+    # the loss is about which neurons fire at which position: the sign of a spatial mean says
+    # neither, and the attention map is |x|^2 >= 0, so it has no sign at all: full only
+    "activation_boundaries": frozenset({"full"}),
+    # these three compare samples within the batch, so any per-sample vector works
+    "similarity": frozenset({"full", "pool", "attention"}),
+    "pkt": frozenset({"full", "pool", "attention"}),
+    "rkd": frozenset({"full", "pool", "attention"}),
+}
+
+
+def kd_objective(student_logits, teacher_logits, target, alpha, T):
+    """Hinton KD objective: loss = (1 - alpha) * CE(s, target) + alpha * soft_target(s, t, T).
+
+    Shapes: student_logits, teacher_logits [B, C]; target [B] class indices.
+    Returns {"loss", "task_loss", "kd_loss"}, each a scalar, so the trainer can log the parts.
+    """
+    task_loss = F.cross_entropy(student_logits, target)
+    kd_loss = soft_target(student_logits, teacher_logits, T)
+    loss = (1 - alpha) * task_loss + alpha * kd_loss
+    return {"loss": loss, "task_loss": task_loss, "kd_loss": kd_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape checks: errors name both shapes and what to do
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_shape(loss, s, t):
+    if s.shape != t.shape:
+        raise ValueError(
+            f"{loss}: student {tuple(s.shape)} and teacher {tuple(t.shape)} shapes differ; "
+            f"add an adapter (or interpolate) so the student matches the teacher"
+        )
+
+
+def _flat_pair(loss, fs, ft):
+    if fs.shape[0] != ft.shape[0]:
+        raise ValueError(
+            f"{loss}: student batch {fs.shape[0]} and teacher batch {ft.shape[0]} differ; "
+            f"the loss compares the same samples under both networks"
+        )
+    f_s = fs.reshape(fs.shape[0], -1)
+    return f_s, ft.reshape(ft.shape[0], -1).to(f_s.dtype)

@@ -1,0 +1,34 @@
+"""`kdcache run FILE.yaml`: the stages of a pipeline file, in order, each with its own options.
+
+A pipeline is plain data: `stages:` is a list of one-key mappings, `{command: {option: value}}`,
+with the same option names as the command line (dashes or underscores).
+"""
+from __future__ import annotations
+
+from kdcache.config import DumpConfig, TrainConfig, read_yaml, resolve
+from kdcache.errors import KDCacheError
+
+
+def run_pipeline(path: str) -> None:
+    from kdcache.dump import dump_teacher
+    from kdcache.train import train_student
+
+    commands = {"dump-teacher": (DumpConfig, dump_teacher), "train-student": (TrainConfig, train_student)}
+    spec = read_yaml(path)
+    unknown = set(spec) - {"stages", "description"}
+    if unknown:
+        raise KDCacheError(f"pipeline '{path}' has unknown keys {sorted(unknown)}; it takes 'stages' (and 'description')")
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise KDCacheError(f"pipeline '{path}' needs a non-empty 'stages:' list of {{command: {{options}}}}")
+    # resolve every stage first, so a typo in the last stage fails before the first one runs
+    plan = []
+    for i, stage in enumerate(stages, 1):
+        if not isinstance(stage, dict) or len(stage) != 1 or next(iter(stage)) not in commands:
+            raise KDCacheError(f"pipeline '{path}' stage {i} must be one of {', '.join(commands)} with its options")
+        (command, options), = stage.items()
+        cls, fn = commands[command]
+        plan.append((command, fn, resolve(cls, file_values=options or {}, source=f"{path} stage {i} ({command})")))
+    for i, (command, fn, cfg) in enumerate(plan, 1):
+        print(f"== stage {i}/{len(plan)}: kdcache {command}", flush=True)
+        fn(cfg)

@@ -1,0 +1,236 @@
+"""Stage 2, `train-student`: train one or many students from cached soft targets.
+
+dataset (x, y, index) -> student -> objective(student out, teacher targets[index], alpha(progress))
+-> optimizer -> evaluate each epoch -> OUT/<student>/{metrics.jsonl, model.pt}, OUT/summary.csv.
+With no cache it is plain training (teachers, baselines); with --teacher, online KD.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdcache import losses
+from kdcache.config import TrainConfig, as_dict, resolve
+from kdcache.data import WithIndex, load_split
+from kdcache.dump import resolve_device
+from kdcache.errors import KDCacheError, closest
+from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
+from kdcache.schedules import Schedule
+from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
+
+
+# --- the objective -------------------------------------------------------------------------
+
+def logit_kd_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, T: float):
+    """The `--loss` term between student and teacher logits [B, C]."""
+    if name == "soft_target":
+        return losses.soft_target(student, teacher, T)
+    if name == "dkd":
+        return losses.dkd(student, teacher, target, T=T)
+    return losses.LOGIT_LOSSES[name](student, teacher)
+
+
+def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: float, cfg: TrainConfig) -> dict:
+    """`(1 - alpha) CE + alpha KD`, with its parts by name; CE alone without a teacher."""
+    task = F.cross_entropy(out, y)
+    if teacher is None:
+        return {"loss": task, "task_loss": task}
+    kd = logit_kd_loss(cfg.loss, out, teacher["logits"], y, cfg.temperature)
+    return {"loss": (1 - alpha) * task + alpha * kd, "task_loss": task, "kd_loss": kd}
+
+
+def lr_factor(kind: str, pos: float) -> float:
+    """LR multiplier at training progress `pos` in [0, 1]."""
+    if kind == "cos":
+        return 0.5 * (1 + math.cos(math.pi * pos))  # cosine to zero
+    return 0.1 ** ((pos >= 0.5) + (pos >= 0.75))  # step: x0.1 at 50% and again at 75%
+
+
+# --- one epoch, evaluation -----------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
+                    alpha_schedule: Schedule | None, device) -> dict:
+    """One pass over `loader`; returns mean losses, the last alpha and LR, and per-step losses."""
+    model.train()
+    sums: dict = {}
+    step_losses = []
+    alpha = 0.0
+    for x, y, index in loader:
+        pos = step / total_steps
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        targets = teacher(x, index) if teacher is not None else None
+        alpha = alpha_schedule(pos) if alpha_schedule is not None else 0.0
+        parts = objective(model(x), y, targets, alpha, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        step += 1
+        values = {k: v.detach() for k, v in parts.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        step_losses.append(values["loss"])
+    n = len(loader.dataset)
+    stats = {k: float(v) / n for k, v in sums.items()}  # one device sync per epoch, not per step
+    stats.update(alpha=alpha, lr=optimizer.param_groups[0]["lr"], step_losses=[float(v) for v in step_losses])
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, teacher_pred: torch.Tensor | None = None) -> dict:
+    """Top-1, top-5 and agreement with the teacher's predictions [N] over `loader` (x, y, index)."""
+    model.eval()
+    correct1 = correct5 = agree = n = 0
+    for x, y, index in loader:
+        out = model(x.to(device))
+        y = y.to(device)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        if teacher_pred is not None:
+            agree += (top[:, 0].cpu() == teacher_pred[index]).sum().item()
+        n += len(y)
+    metrics = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
+    if teacher_pred is not None:
+        metrics["agreement"] = 100.0 * agree / n
+    return metrics
+
+
+# --- a whole run ---------------------------------------------------------------------------
+
+def _loader(data, cfg: TrainConfig, *, shuffle: bool, seed: int = 0, batch_size=None):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(WithIndex(data.dataset), batch_size=batch_size or cfg.batch_size,
+                                       shuffle=shuffle, generator=generator, num_workers=cfg.num_workers)
+
+
+def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, teacher_pred, device, folder: str) -> dict:
+    """Train one student from scratch; write its metrics and checkpoint; return its summary row."""
+    torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student
+    model = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_loader = _loader(train_data, cfg, shuffle=True, seed=cfg.seed)
+    test_loader = _loader(test_data, cfg, shuffle=False, batch_size=256)
+    total = cfg.epochs * len(train_loader)
+    alpha_schedule = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha) if teacher is not None else None
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(as_dict(cfg), student=name, kind=kind), f, indent=2)
+    started = time.perf_counter()
+    history = []
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as log:
+        for epoch in range(cfg.epochs):
+            stats = train_one_epoch(model, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
+                                    total_steps=total, alpha_schedule=alpha_schedule, device=device)
+            history.extend(stats.pop("step_losses"))
+            metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
+                       "seconds": round(time.perf_counter() - started, 3)}
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+    row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
+           "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
+           "seconds": metrics["seconds"], "folder": folder}
+    save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
+                    num_classes=train_data.num_classes, in_chans=train_data.in_chans,
+                    config=dict(as_dict(cfg), student=name, kind=kind), metrics=metrics)
+    row["step_losses"] = history
+    return row
+
+
+def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
+    """Train every student of `cfg` (and its baseline); return the summary rows.
+
+    Python API: `kdcache.train_student(cache="cache.zarr", students=["resnet8"], epochs=5)`.
+    """
+    cfg = cfg or resolve(TrainConfig, overrides=options, source="train_student()")
+    for name in cfg.students:
+        create_model(name, num_classes=2)  # an unknown student fails before any data is read
+    if cfg.loss not in losses.LOGIT_LOSSES:
+        raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(losses.LOGIT_LOSSES)} "
+                           f"(closest: {closest(cfg.loss, losses.LOGIT_LOSSES)})")
+    device = resolve_device(cfg.device)
+    train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
+    test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
+
+    teacher, teacher_pred, mode = None, None, "plain"
+    if cfg.cache:
+        cache = open_cache(cfg.cache, device=device)
+        cache.check_dataset(train_data)
+        if cache.num_classes != train_data.num_classes:
+            raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {train_data.num_classes}")
+        teacher, mode = CachedTeacher(cache[cfg.train_split]), "kd"
+        if cache.has_split(cfg.test_split):
+            cache.check_dataset(test_data)
+            teacher_pred = cache[cfg.test_split].logits[:, 0].float().argmax(1).cpu()
+    elif cfg.teacher:
+        model, info = build_teacher(cfg.teacher, num_classes=train_data.num_classes)
+        teacher, mode = OnlineTeacher(model.to(device)), "online_kd"
+        teacher_pred = _predict(model, _loader(test_data, cfg, shuffle=False, batch_size=256), device)
+
+    runs = [(name, mode) for name in cfg.students]
+    if cfg.baseline and mode != "plain":
+        runs += [(name, "baseline") for name in cfg.students]
+    folders = {run: os.path.join(cfg.out, run[0] + ("-baseline" if run[1] == "baseline" else "")) for run in runs}
+    for folder in folders.values():
+        if os.path.exists(os.path.join(folder, "model.pt")) and not cfg.overwrite:
+            raise KDCacheError(f"'{folder}' already holds a trained student; pass --overwrite or choose another --out")
+
+    teacher_top1 = None
+    if teacher_pred is not None:
+        teacher_top1 = 100.0 * (teacher_pred == torch.as_tensor(test_data.labels)).float().mean().item()
+    rows = []
+    for name, kind in runs:
+        row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
+                  teacher_pred, device, folders[(name, kind)])
+        row["teacher_top1"] = teacher_top1
+        rows.append(row)
+        print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)
+    write_summary(cfg.out, rows)
+    return rows
+
+
+@torch.no_grad()
+def _predict(model, loader, device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _, _ in loader])
+
+
+SUMMARY_COLUMNS = ["student", "kind", "params", "epochs", "top1", "top5", "agreement", "teacher_top1", "seconds", "folder"]
+
+
+def write_summary(out: str, rows: list[dict]) -> None:
+    """OUT/summary.csv, a table on stdout, and OUT/summary.png (top-1 against parameters)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(format_table(rows))
+    from kdcache.plots import plot_summary
+
+    plot_summary(rows, os.path.join(out, "summary.png"))
+
+
+def format_table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'student':<16} {'params':>9} {'kind':<9} {'top1':>6} {'agree':>6}"]
+    for r in rows:
+        lines.append(f"{r['student']:<16} {r['params']:>9,} {r['kind']:<9} {fmt(r['top1'], '6.2f')} "
+                     f"{fmt(r.get('agreement'), '6.2f')}")
+    if rows and rows[0].get("teacher_top1") is not None:
+        lines.append(f"{'teacher':<16} {'':>9} {'':<9} {rows[0]['teacher_top1']:6.2f}")
+    return "\n".join(lines)
