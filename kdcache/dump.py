@@ -17,7 +17,7 @@ from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
-from kdcache.models import build_teacher
+from kdcache.models import build_teacher, get_module
 from kdcache.writer import ChunkWriter
 
 
@@ -75,6 +75,8 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     activations = [parse_activation(a) for a in cfg.activations]
     if len({name for name, _ in activations}) != len(activations):
         raise KDCacheError("--activation names a module twice; store each module in one form")
+    for name, _ in activations:
+        get_module(teacher, name)  # an unknown layer fails before anything is written
     splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
     for data in splits:
         if data.num_classes != info["num_classes"]:
@@ -172,9 +174,12 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
                 writer.put(host, ready)
                 row += len(x)
                 bar.update(len(x))
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         bar.close()
-        writer.close()
+    writer.close()
     store.update_attrs({"complete": True}, group=split)
 
 

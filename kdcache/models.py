@@ -299,8 +299,9 @@ def wrn_40_2(*, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Small conv-BN-ReLU stacks for CPU demos (e.g. 8x8 digits upscaled to 32x32).
-# Stage names and resolutions match the ResNets (layer1 at H, layer2 at H/2, layer3 at H/4),
-# so one feature-KD setting such as `layer3` works for any teacher/student pair here.
+# Stage names match the ResNets (conv1, layer1..3, fc), so one feature-KD setting such as
+# `layer3` works for any teacher/student pair here. The stem has stride 2: digits are 8x8 images
+# upsampled to 32x32, and full-resolution stages made these nets 4x slower on CPU for nothing.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -317,13 +318,13 @@ class ConvBNReLU(nn.Sequential):
 class SmallCNN(nn.Module):
     """Plain CNN of base width w: [B, in_chans, H, W] -> logits [B, num_classes].
 
-    conv1 [B, w, H, W] -> layer1 [B, 2w, H, W] -> layer2 [B, 4w, H/2, W/2]
-    -> layer3 [B, 8w, H/4, W/4] -> avgpool -> fc.
+    conv1 [B, w, H/2, W/2] -> layer1 [B, 2w, H/2, W/2] -> layer2 [B, 4w, H/4, W/4]
+    -> layer3 [B, 8w, H/8, W/8] -> avgpool -> fc.
     """
 
     def __init__(self, width: int, *, num_classes: int, in_chans: int = 3):
         super().__init__()
-        self.conv1 = ConvBNReLU(in_chans, width)
+        self.conv1 = ConvBNReLU(in_chans, width, stride=2)
         self.layer1 = ConvBNReLU(width, 2 * width)
         self.layer2 = ConvBNReLU(2 * width, 4 * width, stride=2)
         self.layer3 = ConvBNReLU(4 * width, 8 * width, stride=2)

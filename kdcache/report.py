@@ -22,7 +22,6 @@ def describe_store(path: str) -> dict:
             arrays = {}
             for name in store.array_names(split):
                 a = store.array(f"{split}/{name}")
-                n = max(int(a.shape[0]), 1)
                 logical = np.dtype(a.dtype).itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
                 arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "bytes_per_sample": logical,
                                 "stored_bytes": store.stored_bytes(f"{split}/{name}"),

@@ -57,6 +57,7 @@ class ChunkWriter:
         self._error: BaseException | None = None
         self._on_progress = on_progress
         self._reported = start_row
+        self._flush_tail = True
         self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
         self._thread.start()
 
@@ -68,10 +69,18 @@ class ChunkWriter:
         self._queue.put((rows, ready))
 
     def close(self) -> None:
+        """Write what is queued and the last (short) chunk of each array; raise any write error."""
         self._queue.put(_DONE)
         self._thread.join()
         if self._error is not None:
             self._raise()
+
+    def abort(self) -> None:
+        """After a failure upstream: write the whole chunks already queued, never a partial one,
+        so a resumed dump restarts from a chunk boundary."""
+        self._flush_tail = False
+        self._queue.put(_DONE)
+        self._thread.join()
 
     def _raise(self):
         error = self._error
@@ -97,9 +106,10 @@ class ChunkWriter:
                         values = values.numpy()
                     self._buffers[name].add(values)
                 self._report()
-            for buffer in self._buffers.values():
-                buffer.flush()
-            self._report()
+            if self._flush_tail:
+                for buffer in self._buffers.values():
+                    buffer.flush()
+                self._report()
         except BaseException as e:  # surfaced in the main thread on its next put or close
             self._error = e
             while not done:  # keep draining so the producer never blocks forever

@@ -18,12 +18,13 @@ STORAGE_DTYPES = {
 }
 
 
-def chunk_rows(row_bytes: int, n_rows: int, target: int = CHUNK_BYTES) -> int:
+def chunk_rows(row_bytes: int, n_rows: int, target: int | None = None) -> int:
     """Rows per chunk: a power of two near `target` bytes, never more than the array holds.
 
     Powers of two make every array's chunk boundaries line up with the largest one's, so a
     resumed dump can restart at a row where every array starts a fresh chunk.
     """
+    target = target or CHUNK_BYTES
     rows = 1
     while rows * 2 * max(row_bytes, 1) <= target:
         rows *= 2

@@ -1,0 +1,25 @@
+"""Shared fixtures: a digits teacher trained by kdcache itself (seconds), and caches made from it."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)  # the CI machine has 2 cores; more threads only contend
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> str:
+    """A small digits teacher, trained by plain `train_student` (no cache)."""
+    from kdcache import train_student
+
+    out = tmp_path_factory.mktemp("teacher")
+    train_student(students=["cnn_small"], dataset="digits", epochs=4, out=str(out))
+    return os.path.join(out, "cnn_small", "model.pt")
+
+
+@pytest.fixture(scope="session")
+def fp32_cache(teacher_ckpt, tmp_path_factory) -> str:
+    from kdcache import dump_teacher
+
+    return dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path_factory.mktemp("c") / "t.zarr"),
+                        dtype="float32")

@@ -1,0 +1,129 @@
+"""dump-teacher writes the teacher's raw outputs in dataset order, and never a half store as whole."""
+import os
+
+import pytest
+import torch
+
+import kdcache.dump as dump_mod
+import kdcache.store.base as store_base
+from kdcache import dump_teacher, open_cache
+from kdcache import store as stores
+from kdcache.data import load_split
+from kdcache.errors import KDCacheError
+from kdcache.models import build_teacher
+
+
+def teacher_logits(ckpt, split="train"):
+    model, _ = build_teacher(ckpt, num_classes=None)
+    x = torch.stack([x for x, _ in load_split("digits", split).dataset])
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_cached_logits_are_the_teachers_raw_logits_in_dataset_order(teacher_ckpt, tmp_path, suffix):
+    out = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / f"c{suffix}"), dtype="float32",
+                       batch_size=100)
+    cache = open_cache(out)
+    expected = teacher_logits(teacher_ckpt)
+    torch.testing.assert_close(cache["train"].logits[:, 0], expected, rtol=1e-5, atol=1e-5)
+    assert cache["train"].labels.tolist() == load_split("digits", "train").labels.tolist()
+    assert set(cache.splits) == {"train", "test"}
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 6e-2)])
+def test_half_precision_caches_stay_close_to_the_teacher(teacher_ckpt, tmp_path, dtype, tol):
+    out = dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=str(tmp_path / "c.zarr"), dtype=dtype)
+    cache = open_cache(out)
+    got = cache["test"].logits[:, 0].float()
+    torch.testing.assert_close(got, teacher_logits(teacher_ckpt, "test"), rtol=tol, atol=tol)
+    assert cache.attrs["dtype"] == dtype
+
+
+def test_store_attrs_say_how_it_was_made(teacher_ckpt, fp32_cache):
+    with stores.open_store(fp32_cache) as s:
+        attrs = s.get_attrs()
+        split = s.get_attrs("train")
+    assert attrs["complete"] is True and attrs["schema_version"] == stores.SCHEMA_VERSION
+    assert attrs["teacher"]["arch"] == "cnn_small" and len(attrs["teacher"]["weights_sha256"]) == 64
+    assert attrs["config"]["teacher"] == teacher_ckpt and attrs["views"] == 1
+    assert split["dataset"]["length"] == 1437 and split["dataset"]["fingerprint"] == load_split("digits", "train").fingerprint()
+    assert split["rows_written"] == 1437
+
+
+class Exploding(torch.utils.data.Dataset):
+    """Digits that fail at sample `at`, as a crashed loader or a killed job would."""
+
+    def __init__(self, data, at):
+        self.data, self.at = data, at
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise RuntimeError("simulated crash")
+        return self.data[i]
+
+
+def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_store(teacher_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_base, "CHUNK_BYTES", 64 * 40)  # 64-row chunks: a crash lands mid-split
+    full = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "full.zarr"), dtype="float32")
+
+    real_load = dump_mod.load_split
+
+    def crashing(name, split, root=None):
+        data = real_load(name, split, root=root)
+        if split == "train":
+            data.dataset = Exploding(data.dataset, at=1000)
+        return data
+
+    out = str(tmp_path / "c.zarr")
+    monkeypatch.setattr(dump_mod, "load_split", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32", batch_size=50)
+    assert not os.path.exists(out) and os.path.exists(out + ".partial")
+    with pytest.raises(KDCacheError, match="incomplete"):
+        open_cache(out)
+    with stores.open_store(out + ".partial") as s:
+        done = s.get_attrs("train")["rows_written"]
+    assert 0 < done <= 1000 and done % 64 == 0
+
+    with pytest.raises(KDCacheError, match="--resume"):  # a fresh start would throw the work away
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32")
+    monkeypatch.setattr(dump_mod, "load_split", real_load)
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32", batch_size=50, resume=True)
+    a, b = open_cache(out), open_cache(full)
+    for split in ("train", "test"):
+        torch.testing.assert_close(a[split].logits, b[split].logits, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_a_different_encoding(teacher_ckpt, tmp_path):
+    out = str(tmp_path / "c.zarr")
+    s = stores.create_store(out + ".partial")
+    s.update_attrs({"schema_version": 1, "complete": False, "teacher": {}, "splits": ["train", "test"],
+                    "dtype": "float32", "activations": {}})
+    s.close()
+    with pytest.raises(KDCacheError, match="cannot resume"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, resume=True)
+
+
+def test_overwrite_replaces_a_store_only_once_the_new_one_is_whole(teacher_ckpt, fp32_cache, tmp_path):
+    out = str(tmp_path / "c.zarr")
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out)
+    with pytest.raises(KDCacheError, match="already exists"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out)
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["train"], out=out, overwrite=True)
+    assert set(open_cache(out).splits) == {"train"} and not os.path.exists(out + ".partial")
+
+
+def test_non_finite_teacher_output_stops_the_dump_naming_the_sample(tmp_path):
+    from kdcache.dump import _check_finite
+
+    with pytest.raises(KDCacheError, match="sample 7"):
+        _check_finite(torch.tensor([[0.0, 1.0]] * 3 + [[float("nan"), 0.0]]), first_row=4)
+
+
+def test_teacher_for_another_class_count_is_refused(tmp_path, teacher_ckpt):
+    with pytest.raises(KDCacheError, match="10 classes"):
+        dump_teacher(teacher=teacher_ckpt, dataset="fake:size=8,classes=5", out=str(tmp_path / "c.zarr"))
