@@ -1,7 +1,11 @@
 """Side-by-side timing for bench/run.py: alternate the sides of a comparison, round after round.
 
-Absolute times on a shared machine drift by tens of percent between minutes; a ratio of two sides
-timed back to back in the same round does not, so every figure is a median of per-round ratios.
+Absolute times on a shared machine drift by tens of percent between minutes, and on a busy 2-core
+machine a side that shares the CPUs with another process can run several times slower. So every
+side runs once per round, alternating, and a figure is computed twice: as the median of the
+per-round ratios (`paired`: interference that hits both sides of a round cancels; ratios are judged
+on it) and from each side's best round (`best`: what the code costs when nothing else runs; rates,
+which interference can only lower, are judged on it). On an idle machine the two agree.
 """
 from __future__ import annotations
 
@@ -43,22 +47,38 @@ def paired(times: dict[str, list[float]], fn: Callable[..., float]) -> float:
     return statistics.median(fn(**{k: v[r] for k, v in times.items()}) for r in range(n))
 
 
+def best(times: dict[str, list[float]], fn: Callable[..., float]) -> float:
+    """`fn(**each side's fastest time)`: the figure when no other process interfered."""
+    return fn(**{k: min(v) for k, v in times.items()})
+
+
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
 @dataclass
 class Figure:
-    """One line of the final table."""
+    """One line of the final table: a ratio is judged on its median, a rate on its best round."""
 
     key: str  # "1a", "2", ...
     what: str  # what is compared
-    value: float
+    median: float  # median of the per-round values
+    best: float  # from each side's fastest round
     target: float
-    shown: str  # the value as printed
     target_shown: str  # the target as printed
+    unit: str = ""  # "/s" for a rate (judged on best), "" for a ratio (judged on median)
     note: str = ""  # the times or rates behind the value
 
     @property
+    def judged(self) -> float:
+        return self.best if self.unit else self.median
+
+    def shown(self, which: str) -> str:
+        """`which` is "median" or "best"; the judged one carries a `*`."""
+        value = getattr(self, which)
+        text = f"{value:,.0f}{self.unit}" if self.unit else f"{value:.3f}"
+        return text + ("*" if (which == "best") == bool(self.unit) else " ")
+
+    @property
     def verdict(self) -> str:
-        return "PASS" if self.value >= self.target else "BELOW"
+        return "PASS" if self.judged >= self.target else "BELOW"

@@ -72,7 +72,14 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--alpha-start", type=float, help="KD weight at the start of its schedule (default 0).")
 @click.option("--alpha-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
 @click.option("--temperature", type=float, help="Softmax temperature of the KD term (default 4).")
-@click.option("--loss", help="Logit KD loss: soft_target (default), logits, mutual, dkd.")
+@click.option("--loss", help="Logit KD loss: soft_target (default), logits, mutual, dkd, nkd.")
+@click.option("--feature", "features", multiple=True,
+              help="Feature KD pair S_LAYER=T_ACT[:LOSS]; repeatable. T_ACT: a cached activation (with --cache) or a "
+                   "teacher module (with --teacher). LOSS: fitnet (default), attention, activation_boundaries, "
+                   "similarity, pkt, rkd.")
+@click.option("--feature-weight", type=float, help="Weight of the summed feature losses at the end of its schedule (default 1).")
+@click.option("--feature-weight-start", type=float, help="Feature weight at the start of its schedule (default 0).")
+@click.option("--feature-weight-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
 @click.option("--baseline", is_flag=True, default=None, help="Also train each student without KD.")
 @click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison.")
 @click.option("--out", help="Output folder (default runs/train).")
@@ -82,7 +89,7 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--overwrite", is_flag=True, default=None, help="Replace students already trained in --out.")
 @config_option
 def train_student_cmd(config_file, **options):
-    """Train students from a teacher cache, with a scheduled KD weight alpha."""
+    """Train students from a teacher cache, with a scheduled KD weight alpha (and feature KD)."""
     from kdcache.config import TrainConfig
     from kdcache.train import train_student
 

@@ -25,6 +25,7 @@ class DumpConfig:
     batch_size: int = 256  # inference only: larger than training batches, bounded by device memory
     num_workers: int = 0  # loader processes; 0 keeps small datasets simplest and fastest
     device: str = "auto"  # cuda when there is one, else cpu
+    chunk_bytes: int = 1 << 20  # ~1 MiB uncompressed chunks: fast sequential reads, cheap rewrites on resume
     resume: bool = False  # finish an interrupted dump (STORE.partial) instead of starting over
     overwrite: bool = False  # replace an existing store (the old one stays until the new one is complete)
 
@@ -37,6 +38,7 @@ class DumpConfig:
             raise KDCacheError(f"--dtype {self.dtype!r} is not supported; use float16, bfloat16 or float32")
         _positive("batch_size", self.batch_size)
         _non_negative("num_workers", self.num_workers)
+        _positive("chunk_bytes", self.chunk_bytes)
         if not self.splits:
             raise KDCacheError("dump-teacher needs at least one --split")
         if len(set(self.splits)) != len(self.splits):
@@ -65,7 +67,11 @@ class TrainConfig:
     alpha_start: float = 0.0  # weight of the KD term at the start (unused by the constant schedule)
     alpha_schedule: str = "constant"  # constant, linear, cos, step, one_cycle or agp
     temperature: float = 4.0  # softens targets; 4 is the common choice for CIFAR-scale class counts
-    loss: str = "soft_target"  # logit loss between student and teacher
+    loss: str = "soft_target"  # logit loss between student and teacher: soft_target, logits, mutual, dkd or nkd
+    features: list = field(default_factory=list)  # S_LAYER=T_ACT[:LOSS] pairs (kdcache/features.py); none: logits only
+    feature_weight: float = 1.0  # on the summed feature losses; their scales differ ~1000x: set it per loss (see README)
+    feature_weight_start: float = 0.0  # feature weight at the start of its schedule (unused by constant)
+    feature_weight_schedule: str = "constant"  # full weight from the first step, as attention transfer trains
     baseline: bool = False  # also train each student without KD, for comparison
     out: str = "runs/train"  # OUT/<student>/{model.pt, metrics.jsonl}, OUT/summary.csv
     seed: int = 0  # model init and data order
@@ -94,6 +100,20 @@ class TrainConfig:
             raise KDCacheError(f"--lr-schedule {self.lr_schedule!r} is not supported; use cos or step")
         if self.cache and self.teacher:
             raise KDCacheError("pass --cache (offline KD) or --teacher (online KD), not both")
+        _non_negative("feature_weight", self.feature_weight)
+        _non_negative("feature_weight_start", self.feature_weight_start)
+        from kdcache.schedules import SCHEDULES
+
+        for name in ("alpha_schedule", "feature_weight_schedule"):
+            if getattr(self, name) not in SCHEDULES:
+                raise KDCacheError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not a schedule; "
+                                   f"use one of {', '.join(SCHEDULES)}")
+        if self.features:
+            if not (self.cache or self.teacher):
+                raise KDCacheError("--feature needs a teacher: pass --cache STORE (dumped with --activation) or --teacher CKPT")
+            from kdcache.features import parse_features
+
+            parse_features(self.features)  # syntax and loss names: a pipeline fails before its first stage
 
 
 def _positive(name, value):
@@ -126,7 +146,7 @@ def read_yaml(path: str) -> dict:
 def resolve(cls, *, file_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
     """`cls` built from defaults, then `file_values`, then `overrides` (None means 'not given')."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    aliases = {"student": "students", "split": "splits", "activation": "activations"}
+    aliases = {"student": "students", "split": "splits", "activation": "activations", "feature": "features"}
     values = {}
     for layer in (file_values or {}, overrides or {}):
         for key, value in layer.items():

@@ -152,23 +152,47 @@ def fake(split: str, root=None, size: int = 1000, classes: int = 10, image: int 
         raise KDCacheError(f"fake dataset needs size >= 1, classes >= 2, image >= 8; got size={size}, classes={classes}, image={image}")
     offset = 0 if split == "train" else FAKE_TEST_OFFSET
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
-    ds = datasets.FakeData(size=size, image_size=(3, image, image), num_classes=classes, transform=tf, random_offset=offset)
+    ds = _FakeData(size=size, image_size=(3, image, image), num_classes=classes, transform=tf, random_offset=offset)
     labels = _fake_labels(size, classes, (3, image, image), offset)
     return SplitData(name=f"fake:size={size},classes={classes},image={image}", split=split, dataset=ds,
                      labels=labels, num_classes=classes, class_names=[str(i) for i in range(classes)],
                      transform="ToTensor, Normalize(0.5, 0.5)")
 
 
+def _fake_sample(index: int, shape, classes: int, offset: int, generator=None):
+    """FakeData's draw for one index (image [C, H, W] then label), on a private generator:
+    torchvision reseeds torch's global RNG per sample, which cost 60% of its time here."""
+    g = generator or torch.Generator()
+    g.manual_seed(index + offset)
+    image = torch.randn(*shape, generator=g)
+    return image, int(torch.randint(0, classes, (1,), generator=g, dtype=torch.long)[0])
+
+
+def _fake_data_class():
+    from torchvision import datasets, transforms
+
+    class FakeData(datasets.FakeData):
+        """torchvision FakeData, same images and labels, without touching the global RNG."""
+
+        def __getitem__(self, index):
+            if index >= len(self):
+                raise IndexError(f"FakeData index {index} out of range")
+            image, label = _fake_sample(index, self.image_size, self.num_classes, self.random_offset)
+            image = transforms.ToPILImage()(image)
+            return (self.transform(image) if self.transform else image), label
+
+    return FakeData
+
+
+def _FakeData(**kwargs):
+    return _fake_data_class()(**kwargs)
+
+
 def _fake_labels(size, classes, shape, offset) -> np.ndarray:
     """FakeData's labels without decoding images: it seeds torch with index + offset, draws the
     image, then the label; the same draws on a private generator give the same label."""
-    labels = np.empty(size, dtype=np.int64)
     g = torch.Generator()
-    for i in range(size):
-        g.manual_seed(i + offset)
-        torch.randn(*shape, generator=g)
-        labels[i] = int(torch.randint(0, classes, (1,), generator=g, dtype=torch.long)[0])
-    return labels
+    return np.array([_fake_sample(i, shape, classes, offset, g)[1] for i in range(size)], dtype=np.int64)
 
 
 # --- torchvision datasets from a local root --------------------------------------------------

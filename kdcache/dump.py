@@ -18,7 +18,7 @@ from kdcache.data import SplitData, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher, get_module
-from kdcache.writer import ChunkWriter
+from kdcache.writer import ChunkWriter, chunk_checksum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,6 +58,11 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     out = cfg.out.rstrip("/")
     partial = stores.partial_path(out)
     stores.backend_for(out)  # an unknown suffix fails before any work
+    with stores.StoreLock(out):  # one writer per store: a second dump fails here, at once
+        return _dump(cfg, out, partial)
+
+
+def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
     if os.path.exists(out) and not (cfg.overwrite or cfg.resume):
         raise KDCacheError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
     if os.path.exists(partial) and not (cfg.overwrite or cfg.resume):
@@ -69,7 +74,10 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
         raise KDCacheError(f"nothing to resume: neither '{partial}' nor '{out}' exists; run without --resume")
 
     device = resolve_device(cfg.device)
-    teacher, info = build_teacher(cfg.teacher, num_classes=None, weights=cfg.weights)
+    splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
+    # a teacher given by name takes its shape from the data; a checkpoint is checked against it
+    teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
+                                  weights=cfg.weights)
     teacher.to(device).eval()
     info = dict(info, weights_sha256=info.get("weights_sha256") or state_dict_sha256(teacher))
     activations = [parse_activation(a) for a in cfg.activations]
@@ -77,7 +85,6 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
         raise KDCacheError("--activation names a module twice; store each module in one form")
     for name, _ in activations:
         get_module(teacher, name)  # an unknown layer fails before anything is written
-    splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
     for data in splits:
         if data.num_classes != info["num_classes"]:
             raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has {data.num_classes}; "
@@ -128,26 +135,34 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
     for key, (shape, dtype) in specs.items():
         path = f"{split}/{key}"
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        rows = stores.chunk_rows(row_bytes, n)
+        rows = stores.chunk_rows(row_bytes, n, cfg.chunk_bytes)
         if not store.has_array(path):
             store.create_array(path, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:])
-        arrays[path] = (store.array(path), rows)
+        array = store.array(path)
+        arrays[path] = (array, array.chunks[0])  # a resumed store keeps the chunking it was made with
     if not store.has_array(f"{split}/labels"):
-        labels = store.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(stores.chunk_rows(8, n),))
+        labels = store.create_array(f"{split}/labels", shape=(n,), dtype="int64",
+                                    chunks=(stores.chunk_rows(8, n, cfg.chunk_bytes),))
         labels[:] = data.labels
+        label_rows = labels.chunks[0] if hasattr(labels, "chunks") else n
+        sums = [chunk_checksum(data.labels[i : i + label_rows]) for i in range(0, n, label_rows)]
         store.update_attrs({"dataset": data.describe(), "transform": data.transform, "rows_written": 0,
-                            "complete": False}, group=split)
+                            "complete": False, "checksums": {"labels": sums}}, group=split)
 
     # restart where every array begins a fresh chunk: chunk sizes are powers of two, so the
     # largest one's boundaries are boundaries of all
-    done = store.get_attrs(split).get("rows_written", 0)
+    recorded = store.get_attrs(split)
+    done = recorded.get("rows_written", 0)
     step = max(rows for _, rows in arrays.values())
     start = done if done >= n else done - done % step
+    prefix = f"{split}/"
 
-    def progress(rows):
-        store.update_attrs({"rows_written": rows}, group=split)
+    def progress(rows, checksums):  # from the writer thread, each time more rows are whole on disk
+        sums = dict(recorded.get("checksums", {}), **{k.removeprefix(prefix): v for k, v in checksums.items()})
+        store.update_attrs({"checksums": sums, "rows_written": rows}, group=split)  # the marker last
 
-    writer = ChunkWriter(arrays, start_row=start, on_progress=progress)
+    seed = {prefix + k: v for k, v in recorded.get("checksums", {}).items()}
+    writer = ChunkWriter(arrays, start_row=start, on_progress=progress, checksums=seed)
     subset = torch.utils.data.Subset(data.dataset, range(start, n))
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, shuffle=False,

@@ -29,11 +29,20 @@ def describe_store(path: str) -> dict:
             entry = {"dataset": split_attrs.get("dataset"), "complete": bool(split_attrs.get("complete")),
                      "rows_written": split_attrs.get("rows_written"), "arrays": arrays}
             if entry["complete"] and store.has_array(f"{split}/logits"):
-                logits = decode(store.read(f"{split}/logits"), attrs.get("encoding")).float()
-                labels = np.asarray(store.read(f"{split}/labels"))
-                entry["teacher_top1"] = float(100.0 * (logits[:, 0].argmax(1).numpy() == labels).mean())
+                entry["teacher_top1"] = _teacher_top1(store, split, attrs.get("encoding"))
             report["splits"][split] = entry
     return report
+
+
+def _teacher_top1(store, split: str, encoding) -> float:
+    """Top-1 of the cached logits, one chunk of rows at a time: an ImageNet cache never has to
+    fit in memory as float32 just to be inspected."""
+    logits, labels = store.array(f"{split}/logits"), np.asarray(store.read(f"{split}/labels"))
+    rows, correct = logits.chunks[0], 0
+    for start in range(0, logits.shape[0], rows):
+        block = decode(logits[start : start + rows], encoding)[:, 0]
+        correct += int((block.argmax(1).numpy() == labels[start : start + rows]).sum())
+    return 100.0 * correct / max(len(labels), 1)
 
 
 def format_report(r: dict) -> str:

@@ -44,10 +44,17 @@ class SplitTargets:
         return self.logits.shape[0]
 
     def __getitem__(self, index: torch.Tensor) -> dict:
+        return self.gather(index)
+
+    def gather(self, index: torch.Tensor, activations=None) -> dict:
+        """Targets of the samples `index` [B]: logits [B, C] float32 and the named activations
+        (all when `activations` is None). index_select, not `t[index, 0]`: mixing a tensor and an
+        int index takes torch's slow path (bench: 0.65M vs 1.2M samples/s, 200k x 1000 fp16)."""
         index = index.to(self.logits.device)
+        names = self.activations if activations is None else activations
         return {
-            "logits": self.logits[index, 0].float(),
-            "activations": {name: a[index, 0].float() for name, a in self.activations.items()},
+            "logits": self.logits.index_select(0, index)[:, 0].float(),
+            "activations": {n: self.activations[n].index_select(0, index)[:, 0].float() for n in names},
         }
 
 
@@ -108,11 +115,12 @@ def open_cache(path: str, *, device="cpu") -> Cache:
 class CachedTeacher:
     """The teacher, taken out of the loop: its outputs for a batch are a gather from the cache."""
 
-    def __init__(self, targets: SplitTargets):
+    def __init__(self, targets: SplitTargets, activations=()):
         self.targets = targets
+        self.activations = list(activations)  # only what the losses use is gathered per batch
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> dict:
-        return self.targets[index]
+        return self.targets.gather(index, self.activations)
 
 
 class OnlineTeacher:

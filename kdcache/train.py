@@ -1,7 +1,8 @@
 """Stage 2, `train-student`: train one or many students from cached soft targets.
 
-dataset (x, y, index) -> student -> objective(student out, teacher targets[index], alpha(progress))
--> optimizer -> evaluate each epoch -> OUT/<student>/{metrics.jsonl, model.pt}, OUT/summary.csv.
+dataset (x, y, index) -> student (+ hooks, adapters) -> objective(student out, teacher targets[index],
+alpha(progress), feature losses) -> optimizer -> evaluate each epoch
+-> OUT/<student>/{metrics.jsonl, model.pt}, OUT/summary.csv.
 With no cache it is plain training (teachers, baselines); with --teacher, online KD.
 """
 from __future__ import annotations
@@ -15,11 +16,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdcache import losses
+from kdcache import features, losses
 from kdcache.config import TrainConfig, as_dict, resolve
 from kdcache.data import WithIndex, load_split
 from kdcache.dump import resolve_device
 from kdcache.errors import KDCacheError, closest
+from kdcache.hooks import capture
 from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
 from kdcache.schedules import Schedule
 from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
@@ -27,22 +29,36 @@ from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
 
 # --- the objective -------------------------------------------------------------------------
 
+KD_LOSSES = (*losses.LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD variant
+
+
 def logit_kd_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, T: float):
     """The `--loss` term between student and teacher logits [B, C]."""
     if name == "soft_target":
         return losses.soft_target(student, teacher, T)
     if name == "dkd":
-        return losses.dkd(student, teacher, target, T=T)
+        return losses.dkd(student, teacher, target, T=T)  # the paper's CIFAR recipe: alpha=1, beta=8
+    if name == "nkd":
+        return losses.dkd(student, teacher, target, beta=1.5, T=T, normalize=True)  # the paper's gamma=1.5
     return losses.LOGIT_LOSSES[name](student, teacher)
 
 
-def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: float, cfg: TrainConfig) -> dict:
-    """`(1 - alpha) CE + alpha KD`, with its parts by name; CE alone without a teacher."""
+def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: float, cfg: TrainConfig,
+              feature_losses: dict | None = None, feature_weight: float = 0.0) -> dict:
+    """`(1 - alpha) CE + alpha KD + feature_weight * sum(feature_losses)`, with its parts by name.
+
+    CE alone without a teacher. `feature_losses` is {pair: scalar} for the batch (FeatureKD's
+    output); `feature_loss` reports their unweighted sum.
+    """
     task = F.cross_entropy(out, y)
     if teacher is None:
         return {"loss": task, "task_loss": task}
     kd = logit_kd_loss(cfg.loss, out, teacher["logits"], y, cfg.temperature)
-    return {"loss": (1 - alpha) * task + alpha * kd, "task_loss": task, "kd_loss": kd}
+    parts = {"loss": (1 - alpha) * task + alpha * kd, "task_loss": task, "kd_loss": kd}
+    if feature_losses:
+        parts["feature_loss"] = sum(feature_losses.values())
+        parts["loss"] = parts["loss"] + feature_weight * parts["feature_loss"]
+    return parts
 
 
 def lr_factor(kind: str, pos: float) -> float:
@@ -55,31 +71,41 @@ def lr_factor(kind: str, pos: float) -> float:
 # --- one epoch, evaluation -----------------------------------------------------------------
 
 def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
-                    alpha_schedule: Schedule | None, device) -> dict:
-    """One pass over `loader`; returns mean losses, the last alpha and LR, and per-step losses."""
+                    alpha_schedule: Schedule | None, device, feature_kd: features.FeatureKD | None = None,
+                    feature_schedule: Schedule | None = None) -> dict:
+    """One pass over `loader`; returns mean losses, the last alpha (and feature weight) and LR,
+    and per-step losses. With `feature_kd`, its student layers are hooked for the epoch."""
     model.train()
     sums: dict = {}
     step_losses = []
-    alpha = 0.0
-    for x, y, index in loader:
-        pos = step / total_steps
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        targets = teacher(x, index) if teacher is not None else None
-        alpha = alpha_schedule(pos) if alpha_schedule is not None else 0.0
-        parts = objective(model(x), y, targets, alpha, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
-        step += 1
-        values = {k: v.detach() for k, v in parts.items()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v * len(y)
-        step_losses.append(values["loss"])
+    alpha = weight = 0.0
+    with capture(model, feature_kd.student_layers if feature_kd is not None else []) as feats:
+        for x, y, index in loader:
+            pos = step / total_steps
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            targets = teacher(x, index) if teacher is not None else None
+            alpha = alpha_schedule(pos) if alpha_schedule is not None else 0.0
+            out = model(x)
+            matched = None
+            if feature_kd is not None:
+                weight = feature_schedule(pos)
+                matched = feature_kd(feats, targets["activations"])
+            parts = objective(out, y, targets, alpha, cfg, matched, weight)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            step += 1
+            values = {k: v.detach() for k, v in parts.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v * len(y)
+            step_losses.append(values["loss"])
     n = len(loader.dataset)
     stats = {k: float(v) / n for k, v in sums.items()}  # one device sync per epoch, not per step
     stats.update(alpha=alpha, lr=optimizer.param_groups[0]["lr"], step_losses=[float(v) for v in step_losses])
+    if feature_kd is not None:
+        stats["feature_weight"] = weight
     return stats
 
 
@@ -111,15 +137,28 @@ def _loader(data, cfg: TrainConfig, *, shuffle: bool, seed: int = 0, batch_size=
                                        shuffle=shuffle, generator=generator, num_workers=cfg.num_workers)
 
 
-def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, teacher_pred, device, folder: str) -> dict:
-    """Train one student from scratch; write its metrics and checkpoint; return its summary row."""
+def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.Optimizer:
+    """One optimizer over the parameters of `modules` (the student, and its feature adapters or None)."""
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, teacher_pred, device, folder: str,
+        pairs=()) -> dict:
+    """Train one student from scratch; write its metrics and checkpoint; return its summary row.
+
+    With feature `pairs` (and a teacher), adapters are built for this student and trained with it;
+    the checkpoint holds the student alone.
+    """
     torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student
     model = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    feature_kd = feature_schedule = None
+    if teacher is not None and pairs:  # after the student, so its init is the same with or without adapters
+        feature_kd = features.build_feature_kd(pairs, model, teacher, features.probe_batch(train_data.dataset, device))
+        feature_schedule = Schedule(cfg.feature_weight_schedule, cfg.feature_weight_start, cfg.feature_weight)
+    optimizer = make_optimizer(cfg, model, feature_kd)
     train_loader = _loader(train_data, cfg, shuffle=True, seed=cfg.seed)
     test_loader = _loader(test_data, cfg, shuffle=False, batch_size=256)
     total = cfg.epochs * len(train_loader)
@@ -133,7 +172,8 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     with open(os.path.join(folder, "metrics.jsonl"), "w") as log:
         for epoch in range(cfg.epochs):
             stats = train_one_epoch(model, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
-                                    total_steps=total, alpha_schedule=alpha_schedule, device=device)
+                                    total_steps=total, alpha_schedule=alpha_schedule, device=device,
+                                    feature_kd=feature_kd, feature_schedule=feature_schedule)
             history.extend(stats.pop("step_losses"))
             metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
                        "seconds": round(time.perf_counter() - started, 3)}
@@ -142,6 +182,7 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
            "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
            "seconds": metrics["seconds"], "folder": folder}
+    # the adapters are a training aid: the checkpoint is the student alone, a plain model
     save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
                     num_classes=train_data.num_classes, in_chans=train_data.in_chans,
                     config=dict(as_dict(cfg), student=name, kind=kind), metrics=metrics)
@@ -157,27 +198,36 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     cfg = cfg or resolve(TrainConfig, overrides=options, source="train_student()")
     for name in cfg.students:
         create_model(name, num_classes=2)  # an unknown student fails before any data is read
-    if cfg.loss not in losses.LOGIT_LOSSES:
-        raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(losses.LOGIT_LOSSES)} "
-                           f"(closest: {closest(cfg.loss, losses.LOGIT_LOSSES)})")
+    if cfg.loss not in KD_LOSSES:
+        raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(KD_LOSSES)} "
+                           f"(closest: {closest(cfg.loss, KD_LOSSES)})")
     device = resolve_device(cfg.device)
     train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
     test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
 
-    teacher, teacher_pred, mode = None, None, "plain"
+    teacher, teacher_pred, mode, pairs = None, None, "plain", []
     if cfg.cache:
         cache = open_cache(cfg.cache, device=device)
         cache.check_dataset(train_data)
         if cache.num_classes != train_data.num_classes:
             raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {train_data.num_classes}")
-        teacher, mode = CachedTeacher(cache[cfg.train_split]), "kd"
+        targets = cache[cfg.train_split]
+        stored = cache.attrs.get("activations", {})  # {name: {form}}, as dump-teacher recorded them
+        pairs = features.pairs_from_cache(cfg.features, {n: a["form"] for n, a in stored.items() if n in targets.activations})
+        teacher, mode = CachedTeacher(targets, sorted({p.teacher for p in pairs})), "kd"
         if cache.has_split(cfg.test_split):
             cache.check_dataset(test_data)
             teacher_pred = cache[cfg.test_split].logits[:, 0].float().argmax(1).cpu()
     elif cfg.teacher:
         model, info = build_teacher(cfg.teacher, num_classes=train_data.num_classes)
-        teacher, mode = OnlineTeacher(model.to(device)), "online_kd"
+        pairs = features.pairs_for_teacher(cfg.features, model)
+        teacher, mode = OnlineTeacher(model.to(device), features.teacher_forms(pairs)), "online_kd"
         teacher_pred = _predict(model, _loader(test_data, cfg, shuffle=False, batch_size=256), device)
+    if pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
+        probe = features.probe_batch(train_data.dataset, device)
+        for name in cfg.students:
+            student = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans)
+            features.build_feature_kd(pairs, student.to(device), teacher, probe)
 
     runs = [(name, mode) for name in cfg.students]
     if cfg.baseline and mode != "plain":
@@ -193,7 +243,7 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     rows = []
     for name, kind in runs:
         row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
-                  teacher_pred, device, folders[(name, kind)])
+                  teacher_pred, device, folders[(name, kind)], pairs)
         row["teacher_top1"] = teacher_top1
         rows.append(row)
         print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)

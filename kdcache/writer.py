@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import zlib
 
 import numpy as np
 
@@ -18,8 +19,10 @@ _DONE = object()
 class _ArrayBuffer:
     """Rows of one array waiting to fill a chunk, flushed whole."""
 
-    def __init__(self, array, rows: int, start: int):
+    def __init__(self, array, rows: int, start: int, checksums: list | None = None):
         self.array, self.rows = array, rows
+        n_chunks = -(-array.shape[0] // rows)
+        self.checksums = list(checksums) if checksums else [None] * n_chunks  # crc32 of each chunk's values
         self.buf = np.empty((rows,) + tuple(array.shape[1:]), dtype=array.dtype)
         self.start = start  # first row of the chunk being filled (always chunk-aligned)
         self.fill = 0
@@ -36,23 +39,34 @@ class _ArrayBuffer:
 
     def flush(self) -> None:
         if self.fill:
-            self.array[self.start : self.start + self.fill] = self.buf[: self.fill]
+            values = self.buf[: self.fill]
+            self.array[self.start : self.start + self.fill] = values
+            self.checksums[self.start // self.rows] = chunk_checksum(values)
             self.start += self.fill
             self.fill = 0
+
+
+def chunk_checksum(values: np.ndarray) -> int:
+    """crc32 of a chunk's values as stored (dtype, C order): recorded at write, checked by verify."""
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
 
 
 class ChunkWriter:
     """Writes `{name: rows}` batches of one split; call `put` in row order, then `close`.
 
     `arrays` maps array path -> (array, rows per chunk). Writing starts at `start_row`, which
-    must be a chunk boundary of every array. `on_progress(rows)` is called from the writer thread
-    with the number of leading rows that are safely on disk in every array.
+    must be a chunk boundary of every array. `on_progress(rows, checksums)` is called from the
+    writer thread with the number of leading rows safely on disk in every array, and each array's
+    list of chunk checksums (None for chunks not written yet); `checksums` seeds those lists.
     """
 
-    def __init__(self, arrays: dict, *, start_row: int = 0, max_pending: int = 8, on_progress=None):
+    def __init__(self, arrays: dict, *, start_row: int = 0, max_pending: int = 8, on_progress=None,
+                 checksums: dict | None = None):
         for name, (array, rows) in arrays.items():
             assert start_row % rows == 0 or start_row == array.shape[0], (name, start_row, rows)
-        self._buffers = {name: _ArrayBuffer(a, rows, start_row) for name, (a, rows) in arrays.items()}
+        checksums = checksums or {}
+        self._buffers = {name: _ArrayBuffer(a, rows, start_row, checksums.get(name))
+                         for name, (a, rows) in arrays.items()}
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)  # bounds host memory held by pending batches
         self._error: BaseException | None = None
         self._on_progress = on_progress
@@ -119,4 +133,4 @@ class ChunkWriter:
         done = min(b.start for b in self._buffers.values())
         if self._on_progress is not None and done != self._reported:  # attrs writes are not free: only on change
             self._reported = done
-            self._on_progress(done)
+            self._on_progress(done, {name: b.checksums for name, b in self._buffers.items()})

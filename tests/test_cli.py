@@ -88,6 +88,11 @@ BAD = {
     "cache and teacher": ["train-student", "--cache", "{cache}", "--teacher", "{ckpt}", "--student", "resnet8"],
     "unknown loss": ["train-student", "--cache", "{cache}", "--student", "resnet8", "--loss", "kl"],
     "inspect a missing store": ["inspect", "{tmp}/nope.zarr"],
+    "feature not in the cache": ["train-student", "--cache", "{cache}", "--student", "cnn_tiny", "--feature", "layer3=layer3", "--out", "{tmp}/s"],
+    "feature without a teacher": ["train-student", "--student", "cnn_tiny", "--feature", "layer3=layer3", "--out", "{tmp}/s"],
+    "unknown feature loss": ["train-student", "--teacher", "{ckpt}", "--student", "cnn_tiny", "--feature", "layer3=layer3:kl", "--out", "{tmp}/s"],
+    "unknown student layer": ["train-student", "--teacher", "{ckpt}", "--student", "cnn_tiny", "--feature", "layer9=layer3", "--out", "{tmp}/s"],
+    "unknown teacher module": ["train-student", "--teacher", "{ckpt}", "--student", "cnn_tiny", "--feature", "layer3=layer9", "--out", "{tmp}/s"],
     "empty fake dataset": ["train-student", "--student", "resnet8", "--dataset", "fake:size=0"],
 }
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import kdcache.dump as dump_mod
-import kdcache.store.base as store_base
 from kdcache import dump_teacher, open_cache
 from kdcache import store as stores
 from kdcache.data import load_split
@@ -67,8 +66,8 @@ class Exploding(torch.utils.data.Dataset):
 
 
 def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_store(teacher_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_base, "CHUNK_BYTES", 64 * 40)  # 64-row chunks: a crash lands mid-split
-    full = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "full.zarr"), dtype="float32")
+    small = dict(dtype="float32", chunk_bytes=64 * 40)  # 64-row chunks of logits: a crash lands mid-split
+    full = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "full.zarr"), **small)
 
     real_load = dump_mod.load_split
 
@@ -81,7 +80,7 @@ def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_stor
     out = str(tmp_path / "c.zarr")
     monkeypatch.setattr(dump_mod, "load_split", crashing)
     with pytest.raises(RuntimeError, match="simulated"):
-        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32", batch_size=50)
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, batch_size=50, **small)
     assert not os.path.exists(out) and os.path.exists(out + ".partial")
     with pytest.raises(KDCacheError, match="incomplete"):
         open_cache(out)
@@ -92,7 +91,7 @@ def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_stor
     with pytest.raises(KDCacheError, match="--resume"):  # a fresh start would throw the work away
         dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32")
     monkeypatch.setattr(dump_mod, "load_split", real_load)
-    dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32", batch_size=50, resume=True)
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, batch_size=50, resume=True, **small)
     a, b = open_cache(out), open_cache(full)
     for split in ("train", "test"):
         torch.testing.assert_close(a[split].logits, b[split].logits, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ def test_batches_that_straddle_chunks_land_exactly(tmp_path, suffix):
     a = s.create_array("x", shape=values.shape, dtype="float32", chunks=(16, 3))
     b = s.create_array("y", shape=(103,), dtype="int64", chunks=(64,))
     seen = []
-    w = ChunkWriter({"x": (a, 16), "y": (b, 64)}, on_progress=seen.append)
+    w = ChunkWriter({"x": (a, 16), "y": (b, 64)}, on_progress=lambda rows, sums: seen.append(rows))
     for start in range(0, 103, 10):  # batches of 10 never align with chunks of 16 or 64
         w.put({"x": values[start:start + 10], "y": np.arange(start, min(start + 10, 103))})
     w.close()
@@ -21,6 +21,18 @@ def test_batches_that_straddle_chunks_land_exactly(tmp_path, suffix):
     np.testing.assert_array_equal(s.read("y"), np.arange(103))
     assert seen == sorted(seen) and seen[-1] == 103 and 64 in seen  # progress = rows whole in every array
     s.close()
+
+
+def test_every_chunk_written_gets_the_checksum_of_its_values(tmp_path):
+    from kdcache.writer import chunk_checksum
+
+    s = stores.create_store(str(tmp_path / "w.zarr"))
+    a = s.create_array("x", shape=(20,), dtype="int64", chunks=(8,))
+    got = {}
+    w = ChunkWriter({"x": (a, 8)}, on_progress=lambda rows, sums: got.update(sums))
+    w.put({"x": np.arange(20)})
+    w.close()
+    assert got["x"] == [chunk_checksum(np.arange(i, min(i + 8, 20))) for i in (0, 8, 16)]
 
 
 def test_writer_restarts_at_a_chunk_boundary_without_touching_earlier_rows(tmp_path):

@@ -10,10 +10,11 @@ import os
 from kdcache.errors import KDCacheError
 from kdcache.store.base import CHUNK_BYTES, STORAGE_DTYPES, Store, chunk_rows
 from kdcache.store.hdf5_store import HDF5Store
+from kdcache.store.lock import StoreLock
 from kdcache.store.zarr_store import ZarrStore
 
 __all__ = [
-    "CHUNK_BYTES", "STORAGE_DTYPES", "SCHEMA_VERSION", "Store", "ZarrStore", "HDF5Store",
+    "CHUNK_BYTES", "STORAGE_DTYPES", "SCHEMA_VERSION", "Store", "ZarrStore", "HDF5Store", "StoreLock",
     "chunk_rows", "backend_for", "create_store", "open_store", "partial_path", "check_complete",
 ]
 

@@ -19,8 +19,10 @@ class HDF5Store(Store):
         self._file = h5py.File(self.path, mode, rdcc_nbytes=64 << 20)
 
     def create_array(self, name, *, shape, dtype, chunks):
-        # lzf: fast both ways and always available in h5py; gzip costs several times the write time
-        return self._file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="lzf")
+        # lzf: fast both ways and always available in h5py; gzip costs several times the write time.
+        # fletcher32: HDF5's per-chunk checksum, so a corrupted chunk fails on read
+        return self._file.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="lzf",
+                                         fletcher32=True)
 
     def array(self, name):
         return self._file[name]
@@ -49,7 +51,7 @@ class HDF5Store(Store):
 
     def update_attrs(self, attrs, group=""):
         node = self._file.require_group(group) if group else self._file
-        for key, value in attrs.items():
+        for key, value in attrs.items():  # in the caller's order: progress markers come last
             node.attrs[key] = json.dumps(value)
         self._file.flush()
 

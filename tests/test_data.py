@@ -1,0 +1,78 @@
+"""Datasets by name: fixed splits, fingerprints that notice changed data, clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from kdcache.data import load_split
+from kdcache.errors import KDCacheError
+
+
+def test_digits_splits_are_fixed_disjoint_and_cover_all_1797_images():
+    train, test = load_split("digits", "train"), load_split("digits", "test")
+    assert (len(train), len(test)) == (1437, 360)
+    x, y = train.dataset[0]
+    assert x.shape == (3, 32, 32) and -1 <= float(x.min()) and float(x.max()) <= 1 and isinstance(y, int)
+    a = {train.dataset[i][0].numpy().tobytes() for i in range(len(train))}
+    b = {test.dataset[i][0].numpy().tobytes() for i in range(len(test))}
+    assert not a & b
+    assert train.fingerprint() == load_split("digits", "train").fingerprint() != test.fingerprint()
+
+
+def test_fingerprint_changes_when_a_label_changes():
+    data = load_split("digits", "test")
+    before = data.fingerprint()
+    data.labels = data.labels.copy()
+    data.labels[5] = (data.labels[5] + 1) % 10
+    assert data.fingerprint() != before
+
+
+def test_fake_data_matches_torchvision_fakedata_sample_for_sample():
+    from torchvision import datasets, transforms
+
+    ours = load_split("fake:size=6,classes=7,image=16", "train")
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    theirs = datasets.FakeData(size=6, image_size=(3, 16, 16), num_classes=7, transform=tf)
+    for i in range(6):
+        (x, y), (x2, y2) = ours.dataset[i], theirs[i]
+        assert torch.equal(x, x2) and y == y2 == ours.labels[i]
+
+
+def test_fake_test_split_holds_other_images():
+    a, b = load_split("fake:size=4", "train"), load_split("fake:size=4", "test")
+    assert not torch.equal(a.dataset[0][0], b.dataset[0][0])
+
+
+def test_user_dataset_by_module_callable(tmp_path, monkeypatch):
+    (tmp_path / "mydata.py").write_text(
+        "import torch\n"
+        "def make(split, root=None):\n"
+        "    return [(torch.full((3, 8, 8), float(i)), i % 3) for i in range(9 if split == 'train' else 3)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = load_split("mydata:make", "train")
+    assert len(data) == 9 and data.num_classes == 3 and list(data.labels[:4]) == [0, 1, 2, 0]
+
+
+def test_imagefolder_reads_splits_and_names_missing_ones(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / "a.png")
+    data = load_split(f"imagefolder:{tmp_path},image=32", "val")
+    assert len(data) == 2 and data.class_names == ["cat", "dog"] and data.dataset[0][0].shape == (3, 32, 32)
+    with pytest.raises(KDCacheError, match="train, val"):
+        load_split(f"imagefolder:{tmp_path}", "test")
+
+
+@pytest.mark.parametrize("spec,split,match", [
+    ("digitz", "train", "did you mean digits"),
+    ("digits", "validation", "splits are train, test"),
+    ("cifar10", "train", "--data-root"),
+    ("fake:size=0", "train", "size >= 1"),
+    ("fake:sizes=3", "train", "bad options"),
+    ("nosuchmodule:fn", "train", "cannot load dataset"),
+])
+def test_bad_dataset_names_say_what_to_do(spec, split, match):
+    with pytest.raises(KDCacheError, match=match):
+        load_split(spec, split)
