@@ -144,7 +144,7 @@ FAKE_TEST_OFFSET = 1_000_000  # test images are drawn from seeds that train neve
 @register_dataset
 def fake(split: str, root=None, size: int = 1000, classes: int = 10, image: int = 32) -> SplitData:
     """torchvision FakeData: random images, deterministic per index, with no class structure."""
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     _check_split("fake", split, ("train", "test"))
     size, classes, image = int(size), int(classes), int(image)
