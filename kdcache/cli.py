@@ -45,6 +45,7 @@ def cli():
 @click.option("--batch-size", type=int, help="Inference batch size (default 256).")
 @click.option("--num-workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--allow-nonfinite", is_flag=True, default=None, help="Keep NaN/Inf teacher outputs instead of stopping.")
 @click.option("--resume", is_flag=True, default=None, help="Finish an interrupted dump of the same teacher and data.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing store once the new one is complete.")
 @config_option
@@ -86,6 +87,10 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--seed", type=int)
 @click.option("--device")
 @click.option("--num-workers", type=int)
+@click.option("--train-split", help="Split to train on (default train).")
+@click.option("--test-split", help="Split to evaluate on (default test).")
+@click.option("--resume", is_flag=True, default=None, help="Continue killed runs from their last epoch; skip finished students.")
+@click.option("--verify", is_flag=True, default=None, help="Check every chunk of the cache against its checksum first.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace students already trained in --out.")
 @config_option
 def train_student_cmd(config_file, **options):
@@ -133,6 +138,15 @@ def layers_cmd(model, num_classes, input_size):
     for layer in list_layers(net, (1, 3, input_size, input_size)):
         shape = "x".join(map(str, layer["shape"][1:])) if layer["shape"] else "-"
         click.echo(f"{layer['name'] or '(model)':<32} {layer['type']:<20} {shape:<14} {layer['params']:>10,}")
+
+
+@cli.command("models")
+def models_cmd():
+    """List the model names --teacher and --student accept (module:callable works too)."""
+    from kdcache.models import model_names
+
+    for name in model_names():
+        click.echo(name)
 
 
 @cli.command("run")

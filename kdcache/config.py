@@ -26,6 +26,7 @@ class DumpConfig:
     num_workers: int = 0  # loader processes; 0 keeps small datasets simplest and fastest
     device: str = "auto"  # cuda when there is one, else cpu
     chunk_bytes: int = 1 << 20  # ~1 MiB uncompressed chunks: fast sequential reads, cheap rewrites on resume
+    allow_nonfinite: bool = False  # keep NaN/Inf teacher outputs instead of stopping at the first one
     resume: bool = False  # finish an interrupted dump (STORE.partial) instead of starting over
     overwrite: bool = False  # replace an existing store (the old one stays until the new one is complete)
 
@@ -78,6 +79,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     overwrite: bool = False  # replace existing student folders in OUT
+    resume: bool = False  # continue killed runs from their last epoch; skip students already finished
+    verify: bool = False  # check every chunk of the cache against its checksum before training
 
     def validate(self) -> None:
         if not self.students:
@@ -98,6 +101,10 @@ class TrainConfig:
             raise KDCacheError(f"--optimizer {self.optimizer!r} is not supported; use sgd or adamw")
         if self.lr_schedule not in ("cos", "step"):
             raise KDCacheError(f"--lr-schedule {self.lr_schedule!r} is not supported; use cos or step")
+        if self.resume and self.overwrite:
+            raise KDCacheError("--resume and --overwrite contradict each other; pass one")
+        if self.verify and not self.cache:
+            raise KDCacheError("--verify checks a cache: pass --cache STORE with it")
         if self.cache and self.teacher:
             raise KDCacheError("pass --cache (offline KD) or --teacher (online KD), not both")
         _non_negative("feature_weight", self.feature_weight)

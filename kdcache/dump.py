@@ -177,7 +177,8 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
             for x, _ in loader:
                 x = x.to(device, non_blocking=True)
                 logits = teacher(x).float()
-                _check_finite(logits, row)
+                if not cfg.allow_nonfinite:
+                    _check_finite(logits, row)
                 rows = {f"{split}/logits": encode(logits, cfg.dtype).unsqueeze(1)}
                 for name, form in activations:
                     rows[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()), cfg.dtype).unsqueeze(1)
@@ -202,7 +203,8 @@ def _check_finite(logits: torch.Tensor, first_row: int) -> None:
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
         row = first_row + int(bad.nonzero()[0])
-        raise KDCacheError(f"teacher output for sample {row} is not finite (NaN or Inf); check the teacher weights and input")
+        raise KDCacheError(f"teacher output for sample {row} is not finite (NaN or Inf); check the teacher weights "
+                           "and input, or pass --allow-nonfinite to keep such rows")
 
 
 def _probe(teacher, data: SplitData, activations, device) -> dict:

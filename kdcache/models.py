@@ -464,7 +464,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, **kwargs) ->
 
     raise KDCacheError(
         f"unknown model '{name}'; did you mean {closest(name, sorted(MODELS) + tv_names)}? "
-        "(kdcache.models.model_names() lists them all; a module:callable such as mypkg.nets:make_net also works)"
+        "(`kdcache models` lists them all; a module:callable such as mypkg.nets:make_net also works)"
     )
 
 

@@ -22,7 +22,8 @@ from kdcache.data import WithIndex, load_split
 from kdcache.dump import resolve_device
 from kdcache.errors import KDCacheError, closest
 from kdcache.hooks import capture
-from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
+from kdcache.models import (build_teacher, count_parameters, create_model, load_checkpoint,
+                            model_from_checkpoint, save_checkpoint)
 from kdcache.schedules import Schedule
 from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
 
@@ -168,9 +169,16 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dict(as_dict(cfg), student=name, kind=kind), f, indent=2)
     started = time.perf_counter()
-    history = []
-    with open(os.path.join(folder, "metrics.jsonl"), "w") as log:
-        for epoch in range(cfg.epochs):
+    history, first_epoch = [], 0
+    state_path = os.path.join(folder, "last.pt")
+    if cfg.resume and os.path.exists(state_path):
+        first_epoch, history, elapsed = load_training_state(state_path, model, optimizer, feature_kd, train_loader)
+        started -= elapsed
+        print(f"{name}: resuming after epoch {first_epoch}", flush=True)
+    metrics_path = os.path.join(folder, "metrics.jsonl")
+    _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
+    with open(metrics_path, "a") as log:
+        for epoch in range(first_epoch, cfg.epochs):
             stats = train_one_epoch(model, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
                                     total_steps=total, alpha_schedule=alpha_schedule, device=device,
                                     feature_kd=feature_kd, feature_schedule=feature_schedule)
@@ -179,6 +187,8 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
                        "seconds": round(time.perf_counter() - started, 3)}
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+            save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd,
+                                train_loader)
     row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
            "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
            "seconds": metrics["seconds"], "folder": folder}
@@ -186,8 +196,52 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
                     num_classes=train_data.num_classes, in_chans=train_data.in_chans,
                     config=dict(as_dict(cfg), student=name, kind=kind), metrics=metrics)
+    os.remove(state_path)  # the finished checkpoint supersedes it
     row["step_losses"] = history
     return row
+
+
+def finished_row(name: str, kind: str, cfg: TrainConfig, checkpoint: str) -> dict:
+    """The summary row of a student trained earlier, from its checkpoint."""
+    ckpt = load_checkpoint(checkpoint)
+    m = ckpt["metrics"]
+    params = count_parameters(model_from_checkpoint(ckpt))
+    return {"student": name, "kind": kind, "params": params, "epochs": m.get("epoch", cfg.epochs), "top1": m["top1"],
+            "top5": m["top5"], "agreement": m.get("agreement"), "seconds": m["seconds"],
+            "folder": os.path.dirname(checkpoint), "step_losses": []}
+
+
+# --- resumable training: the state after each epoch ------------------------------------------
+
+def save_training_state(path, epoch, history, seconds, model, optimizer, feature_kd, loader) -> None:
+    """Everything the next epoch depends on: weights, optimizer moments, adapters, the loader's
+    shuffling generator and torch's RNG. LR and alpha are pure functions of the step: no state."""
+    state = {
+        "epoch": epoch, "seconds": seconds, "history": torch.tensor(history, dtype=torch.float64),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "adapters": feature_kd.state_dict() if feature_kd is not None else None,
+        "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, path + ".partial")
+    os.replace(path + ".partial", path)  # a kill mid-save keeps the previous epoch's state
+
+
+def load_training_state(path, model, optimizer, feature_kd, loader) -> tuple[int, list, float]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if feature_kd is not None and state["adapters"] is not None:
+        feature_kd.load_state_dict(state["adapters"])
+    loader.generator.set_state(state["loader_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), state["history"].tolist(), float(state["seconds"])
+
+
+def _keep_lines(path: str, n: int) -> None:
+    """Truncate a metrics file to its first `n` lines (all of it gone when n = 0)."""
+    lines = open(path).readlines()[:n] if n and os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
@@ -208,6 +262,14 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     teacher, teacher_pred, mode, pairs = None, None, "plain", []
     if cfg.cache:
         cache = open_cache(cfg.cache, device=device)
+        if cfg.verify:
+            from kdcache.verify import verify_store
+
+            problems = verify_store(cfg.cache)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise KDCacheError(f"cache '{cfg.cache}' fails verification: {problems[0]}{more}; "
+                                   f"see kdcache verify {cfg.cache}, then dump it again")
         cache.check_dataset(train_data)
         if cache.num_classes != train_data.num_classes:
             raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {train_data.num_classes}")
@@ -234,16 +296,21 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
         runs += [(name, "baseline") for name in cfg.students]
     folders = {run: os.path.join(cfg.out, run[0] + ("-baseline" if run[1] == "baseline" else "")) for run in runs}
     for folder in folders.values():
-        if os.path.exists(os.path.join(folder, "model.pt")) and not cfg.overwrite:
-            raise KDCacheError(f"'{folder}' already holds a trained student; pass --overwrite or choose another --out")
+        if os.path.exists(os.path.join(folder, "model.pt")) and not (cfg.overwrite or cfg.resume):
+            raise KDCacheError(f"'{folder}' already holds a trained student; pass --resume to keep it, "
+                               "--overwrite to retrain it, or choose another --out")
 
     teacher_top1 = None
     if teacher_pred is not None:
         teacher_top1 = 100.0 * (teacher_pred == torch.as_tensor(test_data.labels)).float().mean().item()
     rows = []
     for name, kind in runs:
-        row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
-                  teacher_pred, device, folders[(name, kind)], pairs)
+        done = os.path.join(folders[(name, kind)], "model.pt")
+        if cfg.resume and not cfg.overwrite and os.path.exists(done):
+            row = finished_row(name, kind, cfg, done)  # a resumed sweep skips finished students
+        else:
+            row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
+                      teacher_pred, device, folders[(name, kind)], pairs)
         row["teacher_top1"] = teacher_top1
         rows.append(row)
         print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)

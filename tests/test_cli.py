@@ -54,6 +54,17 @@ def test_layers_lists_dotted_names_with_shapes(capsys):
 
 
 @pytest.fixture(scope="module")
+def newer_store(tmp_path_factory):
+    from kdcache import store as stores
+
+    path = str(tmp_path_factory.mktemp("n") / "c.zarr")
+    s = stores.create_store(path)
+    s.update_attrs({"schema_version": stores.SCHEMA_VERSION + 1, "complete": True})
+    s.close()
+    return path
+
+
+@pytest.fixture(scope="module")
 def partial_store(tmp_path_factory):
     from kdcache import store as stores
 
@@ -94,14 +105,35 @@ BAD = {
     "unknown student layer": ["train-student", "--teacher", "{ckpt}", "--student", "cnn_tiny", "--feature", "layer9=layer3", "--out", "{tmp}/s"],
     "unknown teacher module": ["train-student", "--teacher", "{ckpt}", "--student", "cnn_tiny", "--feature", "layer3=layer9", "--out", "{tmp}/s"],
     "empty fake dataset": ["train-student", "--student", "resnet8", "--dataset", "fake:size=0"],
+    "zero batch size": ["dump-teacher", "--teacher", "{ckpt}", "--batch-size", "0", "--out", "{tmp}/x.zarr"],
+    "unknown dtype": ["dump-teacher", "--teacher", "{ckpt}", "--dtype", "int3", "--out", "{tmp}/x.zarr"],
+    "split named twice": ["dump-teacher", "--teacher", "{ckpt}", "--split", "test", "--split", "test", "--out", "{tmp}/x.zarr"],
+    "zero temperature": ["train-student", "--student", "resnet8", "--temperature", "0"],
+    "negative weight decay": ["train-student", "--student", "resnet8", "--weight-decay", "-1"],
+    "unknown schedule": ["train-student", "--cache", "{cache}", "--student", "resnet8", "--alpha-schedule", "cosine"],
+    "split missing from the cache": ["train-student", "--cache", "{cache}", "--student", "resnet8", "--train-split", "val"],
+    "newer schema": ["inspect", "{newer}"],
+    "not a store": ["inspect", "{tmp}"],
+    "verify a missing store": ["verify", "{tmp}/nope.zarr"],
+    "layers of an unknown model": ["layers", "resnet1000"],
+    "missing pipeline": ["run", "{tmp}/absent.yaml"],
+    "pipeline with an unknown stage": ["run", "{tmp}/bad-pipeline.yaml"],
+    "wrong type in a config file": ["train-student", "--config", "{tmp}/wrong-type.yaml"],
+    "resume and overwrite in training": ["train-student", "--student", "resnet8", "--resume", "--overwrite"],
+    "verify without a cache": ["train-student", "--student", "resnet8", "--verify"],
+    "teacher of another architecture's weights": ["dump-teacher", "--teacher", "resnet8", "--weights", "{ckpt}", "--out", "{tmp}/x.zarr"],
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_with_exit_status_two(case, capsys, tmp_path, teacher_ckpt, fp32_cache, partial_store):
+def test_bad_input_is_one_line_with_exit_status_two(case, capsys, tmp_path, teacher_ckpt, fp32_cache, partial_store,
+                                                    newer_store):
     (tmp_path / "bad.yaml").write_text("studnets: [resnet8]\n")
+    (tmp_path / "wrong-type.yaml").write_text("students: [resnet8]\nepochs: ten\n")
+    (tmp_path / "bad-pipeline.yaml").write_text("stages:\n  - train-teacher: {epochs: 1}\n")
     before = sorted(os.listdir(tmp_path))
-    argv = [a.format(tmp=tmp_path, ckpt=teacher_ckpt, cache=fp32_cache, partial=partial_store) for a in BAD[case]]
+    argv = [a.format(tmp=tmp_path, ckpt=teacher_ckpt, cache=fp32_cache, partial=partial_store, newer=newer_store)
+            for a in BAD[case]]
     code, out, err = run(capsys, *argv)
     assert code == 2, (case, out, err)
     lines = err.strip().splitlines()

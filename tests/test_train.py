@@ -1,5 +1,6 @@
 """train-student: the cache changes the cost of KD, not its result; runs record how they were made."""
 import csv
+import os
 import json
 
 import pytest
@@ -81,3 +82,52 @@ def test_trained_students_are_not_overwritten_by_accident(fp32_cache, tmp_path):
 def test_a_cache_is_never_joined_to_other_data(fp32_cache, tmp_path):
     with pytest.raises(KDCacheError, match="fingerprint"):
         train_student(cache=fp32_cache, students=["cnn_tiny"], out=str(tmp_path), dataset="fake:size=1437,classes=10")
+
+
+def _metrics(folder):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "metrics.jsonl")]
+
+
+def test_killed_training_resumes_from_its_last_epoch_to_the_same_metrics(fp32_cache, tmp_path, monkeypatch):
+    import kdcache.train as train_mod
+
+    opts = dict(cache=fp32_cache, students=["cnn_tiny"], dataset="digits", epochs=3, batch_size=128,
+                alpha_schedule="linear")
+    train_student(out=str(tmp_path / "full"), **opts)
+    real_evaluate, calls = train_mod.evaluate, []
+
+    def killed_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_three)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_student(out=str(tmp_path / "run"), **opts)
+    run = tmp_path / "run" / "cnn_tiny"
+    assert (run / "last.pt").exists() and not (run / "model.pt").exists() and len(_metrics(run)) == 2
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    train_student(out=str(tmp_path / "run"), resume=True, **opts)
+    assert _metrics(run) == _metrics(tmp_path / "full" / "cnn_tiny")
+    assert not (run / "last.pt").exists()
+
+
+def test_a_resumed_sweep_skips_students_already_finished(fp32_cache, tmp_path, capsys):
+    train_student(cache=fp32_cache, students=["cnn_tiny"], out=str(tmp_path), **FAST)
+    stamp = (tmp_path / "cnn_tiny" / "model.pt").stat().st_mtime_ns
+    rows = train_student(cache=fp32_cache, students=["cnn_tiny", "resnet8"], out=str(tmp_path), resume=True, **FAST)
+    assert (tmp_path / "cnn_tiny" / "model.pt").stat().st_mtime_ns == stamp
+    assert [r["student"] for r in rows] == ["cnn_tiny", "resnet8"] and rows[0]["top1"] > 0
+    assert len(open(tmp_path / "summary.csv").readlines()) == 3
+
+
+def test_verify_before_training_refuses_a_corrupted_cache(fp32_cache, tmp_path):
+    import shutil
+
+    cache = str(tmp_path / "c.zarr")
+    shutil.copytree(fp32_cache, cache)
+    os.remove(os.path.join(cache, "train", "logits", "c", "0", "0", "0"))
+    with pytest.raises(KDCacheError, match="fails verification"):
+        train_student(cache=cache, students=["cnn_tiny"], out=str(tmp_path / "o"), verify=True, **FAST)
+    assert not (tmp_path / "o").exists()
