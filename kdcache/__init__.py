@@ -1,6 +1,7 @@
 """kdcache: run a teacher once, cache its logits and activations, train many students from them.
 
-Data flows data -> models -> dump (hooks, writer) -> store -> targets -> losses/schedules -> train.
+Data flows data -> augment (replayable views) -> models -> dump (hooks, writer) -> store -> targets
+-> losses/schedules -> train.
 """
 __version__ = "0.1.0"
 

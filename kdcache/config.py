@@ -22,7 +22,13 @@ class DumpConfig:
     out: str = ""  # STORE.zarr (Zarr v3 directory) or STORE.h5 (HDF5 file)
     activations: list = field(default_factory=list)  # NAME[:full|attention|pool] teacher modules to store
     dtype: str = "float16"  # half the bytes of float32; logits lose < 1e-3 relative, far below KD noise
-    batch_size: int = 256  # inference only: larger than training batches, bounded by device memory
+    views: int = 1  # teacher outputs per training sample, each on its own augmented view (kdcache/augment.py)
+    augment: str = "none"  # the views' transform: cifar, imagenet, digits, none or module:callable
+    augment_seed: int = 0  # with the sample index and view number, names each view's seed for good
+    augment_splits: list = field(default_factory=lambda: ["train"])  # the rest keep the eval transform, one view
+    mix: str | None = None  # mixup or cutmix: each view mixes in a recorded partner sample
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) mixing weights: the mixup and CutMix papers' CIFAR setting
+    batch_size: int = 256  # teacher inputs per batch (B // V samples of V views): bounded by device memory
     num_workers: int = 0  # loader processes; 0 keeps small datasets simplest and fastest
     device: str = "auto"  # cuda when there is one, else cpu
     chunk_bytes: int = 1 << 20  # ~1 MiB uncompressed chunks: fast sequential reads, cheap rewrites on resume
@@ -46,6 +52,18 @@ class DumpConfig:
             raise KDCacheError(f"--split repeats a split ({', '.join(self.splits)}); name each once")
         if self.resume and self.overwrite:
             raise KDCacheError("--resume and --overwrite contradict each other; pass one")
+        _positive("views", self.views)
+        _non_negative("augment_seed", self.augment_seed)
+        _check_augment(self.augment, self.mix, self.mix_alpha)
+        if self.views > 1 and self.augment == "none" and not self.mix:
+            raise KDCacheError(f"--views {self.views} with --augment none would store {self.views} identical views; "
+                               "pass --augment PRESET (cifar, imagenet, digits or module:callable)")
+        from kdcache.augment import augments
+
+        if augments(self) and not set(self.splits) & set(self.augment_splits):
+            raise KDCacheError(f"--views/--augment apply to the splits students train on ({', '.join(self.augment_splits)}), "
+                               f"and this dump has none of them; add --split {self.augment_splits[0]} or --augment-split "
+                               f"{self.splits[0]}")
 
 
 @dataclass
@@ -75,7 +93,14 @@ class TrainConfig:
     feature_weight_schedule: str = "constant"  # full weight from the first step, as attention transfer trains
     baseline: bool = False  # also train each student without KD, for comparison
     out: str = "runs/train"  # OUT/<student>/{model.pt, metrics.jsonl}, OUT/summary.csv
-    seed: int = 0  # model init and data order
+    seed: int = 0  # model init, data order, and which stored view each sample replays each epoch
+    augment: str | None = None  # the student's own views (plain, online KD, over a clean cache); a view cache brings its own
+    views: int = 0  # views per sample the student draws from (0: a fresh one each epoch); a view cache brings its own
+    augment_seed: int = 0  # as dump-teacher's: online KD with --views K sees a K-view dump's very views
+    view_policy: str = "random"  # which view a sample trains on each epoch: random, or cycle (each once per V epochs)
+    mix: str | None = None  # mixup or cutmix of the student's own views; from a cache only if dumped with it
+    mix_alpha: float = 1.0  # Beta(alpha, alpha), as dump-teacher's
+    verify_replay: int = 64  # views regenerated and checked against their dump-time digests before training (0: none)
     device: str = "auto"
     num_workers: int = 0
     overwrite: bool = False  # replace existing student folders in OUT
@@ -107,6 +132,18 @@ class TrainConfig:
             raise KDCacheError("--verify checks a cache: pass --cache STORE with it")
         if self.cache and self.teacher:
             raise KDCacheError("pass --cache (offline KD) or --teacher (online KD), not both")
+        _non_negative("views", self.views)
+        _non_negative("augment_seed", self.augment_seed)
+        _non_negative("verify_replay", self.verify_replay)
+        _check_augment(self.augment, self.mix, self.mix_alpha)
+        from kdcache.augment import check_mix_loss
+
+        check_mix_loss(self.loss, self.mix)
+        if self.view_policy not in ("random", "cycle"):
+            raise KDCacheError(f"--view-policy {self.view_policy!r} is not a policy; use random or cycle")
+        if self.views and self.augment in (None, "none") and not self.cache:
+            raise KDCacheError(f"--views {self.views} draws from augmented views of each sample; pass --augment PRESET "
+                               "with it (cifar, imagenet, digits or module:callable)")
         _non_negative("feature_weight", self.feature_weight)
         _non_negative("feature_weight_start", self.feature_weight_start)
         from kdcache.schedules import SCHEDULES
@@ -121,6 +158,16 @@ class TrainConfig:
             from kdcache.features import parse_features
 
             parse_features(self.features)  # syntax and loss names: a pipeline fails before its first stage
+
+
+def _check_augment(augment, mix, mix_alpha) -> None:
+    from kdcache.augment import MIXES, check_spec
+
+    if augment is not None:
+        check_spec(augment)
+    if mix is not None and mix not in MIXES:
+        raise KDCacheError(f"--mix {mix!r} is not supported; use {' or '.join(MIXES)}")
+    _positive("mix_alpha", mix_alpha)
 
 
 def _positive(name, value):
@@ -153,7 +200,8 @@ def read_yaml(path: str) -> dict:
 def resolve(cls, *, file_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
     """`cls` built from defaults, then `file_values`, then `overrides` (None means 'not given')."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    aliases = {"student": "students", "split": "splits", "activation": "activations", "feature": "features"}
+    aliases = {"student": "students", "split": "splits", "activation": "activations", "feature": "features",
+               "augment_split": "augment_splits"}
     values = {}
     for layer in (file_values or {}, overrides or {}):
         for key, value in layer.items():

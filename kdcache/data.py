@@ -40,6 +40,7 @@ class SplitData:
     class_names: list = field(default_factory=list)
     transform: str = ""  # a readable description of the eval transform, kept in the store's attrs
     paths: list | None = None  # file paths in order, when the data are files
+    background: float | tuple = 0.0  # a black pixel after the eval transform: what augmentation pads with
 
     def __len__(self):
         return len(self.labels)
@@ -132,7 +133,7 @@ def digits(split: str, root=None) -> SplitData:
     return SplitData(
         name="digits", split=split, dataset=TensorDataset(images, labels), labels=labels, num_classes=10,
         class_names=[str(i) for i in range(10)],
-        transform="8x8 /16, bilinear to 32x32, (x-0.5)/0.5, 3 channels",
+        transform="8x8 /16, bilinear to 32x32, (x-0.5)/0.5, 3 channels", background=-1.0,
     )
 
 
@@ -156,7 +157,7 @@ def fake(split: str, root=None, size: int = 1000, classes: int = 10, image: int 
     labels = _fake_labels(size, classes, (3, image, image), offset)
     return SplitData(name=f"fake:size={size},classes={classes},image={image}", split=split, dataset=ds,
                      labels=labels, num_classes=classes, class_names=[str(i) for i in range(classes)],
-                     transform="ToTensor, Normalize(0.5, 0.5)")
+                     transform="ToTensor, Normalize(0.5, 0.5)", background=-1.0)
 
 
 def _fake_sample(index: int, shape, classes: int, offset: int, generator=None):
@@ -201,6 +202,11 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _black(mean, std) -> tuple:
+    """A black pixel, per channel, after Normalize(mean, std)."""
+    return tuple(round(-m / s, 6) for m, s in zip(mean, std))
+
+
 def _torchvision_split(name, cls_name, split, root, splits, make_kwargs, gray=False) -> SplitData:
     from torchvision import datasets, transforms
 
@@ -219,7 +225,8 @@ def _torchvision_split(name, cls_name, split, root, splits, make_kwargs, gray=Fa
     labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels, dtype=np.int64)
     classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1)]
     return SplitData(name=name, split=split, dataset=ds, labels=labels, num_classes=len(classes),
-                     class_names=[str(c) for c in classes], transform=repr(tf).replace("\n", ""))
+                     class_names=[str(c) for c in classes], transform=repr(tf).replace("\n", ""),
+                     background=_black(mean, std))
 
 
 def _train_flag(split):
@@ -251,7 +258,7 @@ def _imagefolder(path: str, split: str, image: int = 224) -> SplitData:
     paths = [os.path.relpath(p, path) for p, _ in ds.samples]  # relative: a moved copy keeps its fingerprint
     return SplitData(name=f"imagefolder:{path}", split=split, dataset=ds, labels=np.asarray(ds.targets, dtype=np.int64),
                      num_classes=len(ds.classes), class_names=list(ds.classes), transform=repr(tf).replace("\n", ""),
-                     paths=paths)
+                     paths=paths, background=_black(IMAGENET_MEAN, IMAGENET_STD))
 
 
 def _user_dataset(spec: str, split: str, root) -> SplitData:

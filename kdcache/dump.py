@@ -1,7 +1,9 @@
 """Stage 1, `dump-teacher`: run the teacher once over each split and write what students need.
 
-dataset (eval transform, fixed order) -> DataLoader (no shuffle) -> teacher (inference mode,
-autocast on GPU) -> hooks -> device-to-host copy -> ChunkWriter thread -> store; complete last.
+dataset (eval transform, fixed order) -> V views per sample (augment.DumpViews; one clean view
+unless --views/--augment) -> DataLoader (no shuffle) -> teacher (inference mode, autocast on GPU)
+-> hooks -> device-to-host copy -> ChunkWriter thread -> store; complete last.
+A row of every array is one sample: [V, ...], all its views.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from kdcache import augment
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, load_split
@@ -99,7 +102,8 @@ def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
         "splits": list(cfg.splits),
         "dtype": cfg.dtype,
         "encoding": stores.STORAGE_DTYPES[cfg.dtype][1],
-        "views": 1,
+        "views": cfg.views,
+        "augment": augment.dump_attrs(cfg),  # how views were made (None: one clean view per sample)
         "topk": None,
         "activations": {name: {"form": form} for name, form in activations},
         "config": as_dict(cfg),
@@ -108,11 +112,12 @@ def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
         store = stores.backend_for(partial)(partial, read_only=False)
         _check_resumable(store, root_attrs, splits)
     else:
+        _check_free_space(out, teacher, splits, activations, cfg, device)
         store = stores.create_store(partial)
         store.update_attrs(root_attrs)
     try:
         for data in splits:
-            _dump_split(store, teacher, data, activations, cfg, device)
+            _dump_split(store, teacher, data, activations, cfg, device, augment.dump_recipe(cfg, data))
         store.update_attrs({"complete": True})  # written last: only now does the store read as complete
     finally:
         store.close()
@@ -122,32 +127,35 @@ def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
     return out
 
 
-def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, device) -> None:
+def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, device, recipe) -> None:
+    """One split into `store`; `recipe` (augment.ViewRecipe) makes its views, None: one clean view."""
     split, n = data.split, len(data)
     if store.get_attrs(split).get("complete") if split in store.group_names() else False:
         return
-    shapes = _probe(teacher, data, activations, device)
+    views = cfg.views if recipe is not None else 1
+    source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
+    shapes = _probe(teacher, source, activations, device)
     storage_dtype = stores.STORAGE_DTYPES[cfg.dtype][0]
-    specs = {"logits": ((n, 1) + shapes["logits"], storage_dtype)}
+    specs = {"logits": ((n, views) + shapes["logits"], storage_dtype)}
     for name, form in activations:
-        specs[f"activations/{name}"] = ((n, 1) + shapes[name], storage_dtype)
+        specs[f"activations/{name}"] = ((n, views) + shapes[name], storage_dtype)
     arrays = {}
     for key, (shape, dtype) in specs.items():
-        path = f"{split}/{key}"
-        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        rows = stores.chunk_rows(row_bytes, n, cfg.chunk_bytes)
-        if not store.has_array(path):
-            store.create_array(path, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:])
-        array = store.array(path)
-        arrays[path] = (array, array.chunks[0])  # a resumed store keeps the chunking it was made with
+        rows = stores.chunk_rows(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize, n, cfg.chunk_bytes)
+        arrays[f"{split}/{key}"] = _array(store, f"{split}/{key}", shape, dtype, rows)
+    # seeds, digests and mixes are chunked like the logits: tiny rows would make huge chunks, and the
+    # largest chunk sets the step a resumed dump restarts at
+    for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
+        arrays[f"{split}/{key}"] = _array(store, f"{split}/{key}", (n, views) + tail, dtype, arrays[f"{split}/logits"][1])
     if not store.has_array(f"{split}/labels"):
         labels = store.create_array(f"{split}/labels", shape=(n,), dtype="int64",
                                     chunks=(stores.chunk_rows(8, n, cfg.chunk_bytes),))
         labels[:] = data.labels
         label_rows = labels.chunks[0] if hasattr(labels, "chunks") else n
         sums = [chunk_checksum(data.labels[i : i + label_rows]) for i in range(0, n, label_rows)]
-        store.update_attrs({"dataset": data.describe(), "transform": data.transform, "rows_written": 0,
-                            "complete": False, "checksums": {"labels": sums}}, group=split)
+        store.update_attrs({"dataset": data.describe(), "transform": data.transform, "views": views,
+                            "view_transform": recipe.augmentation.description if recipe is not None else None,
+                            "rows_written": 0, "complete": False, "checksums": {"labels": sums}}, group=split)
 
     # restart where every array begins a fresh chunk: chunk sizes are powers of two, so the
     # largest one's boundaries are boundaries of all
@@ -163,9 +171,10 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
 
     seed = {prefix + k: v for k, v in recorded.get("checksums", {}).items()}
     writer = ChunkWriter(arrays, start_row=start, on_progress=progress, checksums=seed)
-    subset = torch.utils.data.Subset(data.dataset, range(start, n))
+    subset = torch.utils.data.Subset(source, range(start, n))
     cuda = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, shuffle=False,
+    # --batch-size counts teacher inputs: B // V samples of V views each
+    loader = torch.utils.data.DataLoader(subset, batch_size=max(1, cfg.batch_size // views), shuffle=False,
                                          num_workers=cfg.num_workers, pin_memory=cuda)
     from tqdm import tqdm
 
@@ -174,22 +183,25 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
     try:
         with torch.inference_mode(), torch.autocast("cuda", enabled=cuda), capture(teacher, names) as acts:
             row = start
-            for x, _ in loader:
-                x = x.to(device, non_blocking=True)
-                logits = teacher(x).float()
+            for x, record in loader:
+                b, v = x.shape[:2]
+                x = x.to(device, non_blocking=True).flatten(0, 1)  # [B * V, C, H, W]: every view in one teacher batch
+                logits = teacher(x).float().unflatten(0, (b, v))  # [B, V, C]
                 if not cfg.allow_nonfinite:
-                    _check_finite(logits, row)
-                rows = {f"{split}/logits": encode(logits, cfg.dtype).unsqueeze(1)}
+                    _check_finite(logits.flatten(1), row)
+                rows = {f"{split}/logits": encode(logits, cfg.dtype)}
                 for name, form in activations:
-                    rows[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()), cfg.dtype).unsqueeze(1)
+                    rows[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
+                                                                 cfg.dtype)
                 # copies are queued behind the teacher's kernels; the writer waits on the event
-                host = {k: v.to("cpu", non_blocking=cuda) for k, v in rows.items()}
+                host = {k: t.to("cpu", non_blocking=cuda) for k, t in rows.items()}
+                host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in record.items()})  # on the host already
                 ready = torch.cuda.Event() if cuda else None
                 if ready is not None:
                     ready.record()
                 writer.put(host, ready)
-                row += len(x)
-                bar.update(len(x))
+                row += b
+                bar.update(b)
     except BaseException:
         writer.abort()
         raise
@@ -199,7 +211,42 @@ def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, d
     store.update_attrs({"complete": True}, group=split)
 
 
+def _array(store, path: str, shape: tuple, dtype: str, rows: int):
+    """(array, rows per chunk) at `path`, created unless a resumed store has it already."""
+    if not store.has_array(path):
+        store.create_array(path, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:])
+    array = store.array(path)
+    return array, array.chunks[0]  # a resumed store keeps the chunking it was made with
+
+
+def estimate_bytes(teacher, splits, activations, cfg: DumpConfig, device) -> int:
+    """Uncompressed size of the store: an upper bound, since chunks are compressed (digits' fp16
+    logits shrink ~10%, feature maps more)."""
+    itemsize = np.dtype(stores.STORAGE_DTYPES[cfg.dtype][0]).itemsize
+    total = 0
+    for data in splits:
+        recipe = augment.dump_recipe(cfg, data)
+        views = cfg.views if recipe is not None else 1
+        shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, views), activations, device)
+        per_view = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize + (16 if recipe else 0)
+        total += len(data) * (8 + views * per_view)  # labels, then every view's outputs and records
+    return total
+
+
+def _check_free_space(out: str, teacher, splits, activations, cfg: DumpConfig, device) -> None:
+    """Refuse before writing a byte when the store cannot fit: better than ENOSPC hours in."""
+    import shutil
+
+    need = estimate_bytes(teacher, splits, activations, cfg, device)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+    if need > free:
+        raise KDCacheError(f"the store needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
+                           f"where '{out}' goes; free space, choose another --out, or store reduced activations "
+                           "(NAME:attention or NAME:pool)")
+
+
 def _check_finite(logits: torch.Tensor, first_row: int) -> None:
+    """`logits` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
         row = first_row + int(bad.nonzero()[0])
@@ -207,9 +254,9 @@ def _check_finite(logits: torch.Tensor, first_row: int) -> None:
                            "and input, or pass --allow-nonfinite to keep such rows")
 
 
-def _probe(teacher, data: SplitData, activations, device) -> dict:
-    """Per-sample shapes of the logits and each stored activation form, from one sample."""
-    x = data.dataset[0][0].unsqueeze(0).to(device)
+def _probe(teacher, source, activations, device) -> dict:
+    """Per-view shapes of the logits and each stored activation form, from sample 0's first view."""
+    x = source[0][0][:1].to(device)
     with torch.inference_mode(), capture(teacher, [n for n, _ in activations]) as acts:
         logits = teacher(x)
     shapes = {"logits": tuple(logits.shape[1:])}
@@ -220,7 +267,7 @@ def _probe(teacher, data: SplitData, activations, device) -> dict:
 
 def _check_resumable(store, attrs: dict, splits) -> None:
     old = store.get_attrs()
-    for key in ("teacher", "splits", "dtype", "activations"):
+    for key in ("teacher", "splits", "dtype", "activations", "views", "augment"):
         if old.get(key) != attrs[key]:
             raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "
                                f"({old.get(key)} vs {attrs[key]}); pass --overwrite to start over")

@@ -15,7 +15,7 @@ def describe_store(path: str) -> dict:
             "path": str(path), "complete": bool(attrs.get("complete")), "schema_version": attrs.get("schema_version"),
             "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
             "teacher": attrs.get("teacher"), "dtype": attrs.get("dtype"), "views": attrs.get("views"),
-            "topk": attrs.get("topk"), "splits": {},
+            "augment": attrs.get("augment"), "topk": attrs.get("topk"), "splits": {},
         }
         for split in store.group_names():
             split_attrs = store.get_attrs(split)
@@ -27,7 +27,10 @@ def describe_store(path: str) -> dict:
                                 "stored_bytes": store.stored_bytes(f"{split}/{name}"),
                                 "form": attrs.get("activations", {}).get(name.removeprefix("activations/"), {}).get("form")}
             entry = {"dataset": split_attrs.get("dataset"), "complete": bool(split_attrs.get("complete")),
-                     "rows_written": split_attrs.get("rows_written"), "arrays": arrays}
+                     "rows_written": split_attrs.get("rows_written"), "views": split_attrs.get("views", 1),
+                     "view_transform": split_attrs.get("view_transform"), "arrays": arrays,
+                     "bytes_per_sample": sum(a["bytes_per_sample"] for a in arrays.values()),
+                     "stored_bytes": sum(a["stored_bytes"] for a in arrays.values())}
             if entry["complete"] and store.has_array(f"{split}/logits"):
                 entry["teacher_top1"] = _teacher_top1(store, split, attrs.get("encoding"))
             report["splits"][split] = entry
@@ -35,14 +38,21 @@ def describe_store(path: str) -> dict:
 
 
 def _teacher_top1(store, split: str, encoding) -> float:
-    """Top-1 of the cached logits, one chunk of rows at a time: an ImageNet cache never has to
-    fit in memory as float32 just to be inspected."""
+    """Top-1 of the cached logits over every view, one chunk of rows at a time: an ImageNet cache
+    never has to fit in memory as float32 just to be inspected. A mixed view counts as the class
+    of the sample with the larger weight."""
     logits, labels = store.array(f"{split}/logits"), np.asarray(store.read(f"{split}/labels"))
+    mixed = store.has_array(f"{split}/mix_partner")
+    if mixed:
+        partner, lam = np.asarray(store.read(f"{split}/mix_partner")), np.asarray(store.read(f"{split}/mix_lambda"))
     rows, correct = logits.chunks[0], 0
     for start in range(0, logits.shape[0], rows):
-        block = decode(logits[start : start + rows], encoding)[:, 0]
-        correct += int((block.argmax(1).numpy() == labels[start : start + rows]).sum())
-    return 100.0 * correct / max(len(labels), 1)
+        block = decode(logits[start : start + rows], encoding).argmax(-1).numpy()  # [rows, V]
+        truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
+        if mixed:
+            truth = np.where(lam[start : start + rows] >= 0.5, truth, labels[partner[start : start + rows]])
+        correct += int((block == truth).sum())
+    return 100.0 * correct / max(logits.shape[0] * logits.shape[1], 1)
 
 
 def format_report(r: dict) -> str:
@@ -53,13 +63,25 @@ def format_report(r: dict) -> str:
         f"teacher    {t.get('arch')}  {t.get('num_classes')} classes  weights sha256 {str(t.get('weights_sha256'))[:16]}",
         f"encoding   {r['dtype']}, views {r['views']}, topk {r['topk'] or '-'}",
     ]
+    a = r.get("augment")
+    if a:
+        mix = f", --mix {a['mix']} (alpha {a['mix_alpha']})" if a.get("mix") else ""
+        lines.append(f"views      {a['views']} per sample of {', '.join(a['splits'])}: --augment {a['preset']}, "
+                     f"seed {a['seed']}{mix}; other splits: the eval transform, one view")
     for split, s in r["splits"].items():
         d = s.get("dataset") or {}
-        top1 = f", teacher top-1 {s['teacher_top1']:.2f}%" if "teacher_top1" in s else ""
-        lines.append(f"split {split}: {d.get('name')} {d.get('length')} samples, fingerprint "
-                     f"{str(d.get('fingerprint'))[:12]}{top1}{'' if s['complete'] else ', INCOMPLETE'}")
+        views = s.get("views", 1)
+        over = f" over its {views} views" if views > 1 else ""
+        top1 = f", teacher top-1{over} {s['teacher_top1']:.2f}%" if "teacher_top1" in s else ""
+        lines.append(f"split {split}: {d.get('name')} {d.get('length')} samples{f' x {views} views' if views > 1 else ''}, "
+                     f"fingerprint {str(d.get('fingerprint'))[:12]}{top1}{'' if s['complete'] else ', INCOMPLETE'}")
+        if s.get("view_transform"):
+            lines.append(f"  views of {s['view_transform']}")
         for name, a in s["arrays"].items():
             form = f" [{a['form']}]" if a.get("form") else ""
             lines.append(f"  {name:<28} {str(tuple(a['shape'])):<20} {a['dtype']:<8} "
                          f"{a['bytes_per_sample']:>8,} B/sample  {a['stored_bytes']:>12,} B on disk{form}")
+        if views > 1:  # what a view costs: the figure to weigh K against
+            lines.append(f"  {'total':<28} {'':<20} {'':<8} {s['bytes_per_sample']:>8,} B/sample  "
+                         f"{s['stored_bytes']:>12,} B on disk, {s['bytes_per_sample'] / views:,.0f} B/view")
     return "\n".join(lines)

@@ -21,7 +21,10 @@ def decode(values: np.ndarray, encoding: str | None) -> torch.Tensor:
 
 
 class SplitTargets:
-    """Cached teacher outputs of one split. `targets[index]` -> {"logits": [B, C] float32, ...}.
+    """Cached teacher outputs of one split. `targets[rows]` -> {"logits": [B, C] float32, ...}.
+
+    A row is one view: `sample * V + view` in the flattened [N * V] table, which is the sample
+    index itself for a cache of one view per sample (V = 1).
 
     Kept in the stored dtype (half the memory of float32 for float16 caches) and converted per
     batch, after the gather, where it costs a few microseconds.
@@ -43,18 +46,23 @@ class SplitTargets:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
-    def __getitem__(self, index: torch.Tensor) -> dict:
-        return self.gather(index)
+    @property
+    def views(self) -> int:
+        return self.logits.shape[1]
 
-    def gather(self, index: torch.Tensor, activations=None) -> dict:
-        """Targets of the samples `index` [B]: logits [B, C] float32 and the named activations
-        (all when `activations` is None). index_select, not `t[index, 0]`: mixing a tensor and an
-        int index takes torch's slow path (bench: 0.65M vs 1.2M samples/s, 200k x 1000 fp16)."""
-        index = index.to(self.logits.device)
+    def __getitem__(self, rows: torch.Tensor) -> dict:
+        return self.gather(rows)
+
+    def gather(self, rows: torch.Tensor, activations=None) -> dict:
+        """Targets of the views at `rows` [B]: logits [B, C] float32 and the named activations (all
+        when `activations` is None). One index_select on the [N * V, ...] view, which flattening a
+        contiguous tensor gives for free; not `t[index, 0]`: mixing a tensor and an int index takes
+        torch's slow path (bench: 0.65M vs 1.2M samples/s, 200k x 1000 fp16)."""
+        rows = rows.to(self.logits.device)
         names = self.activations if activations is None else activations
         return {
-            "logits": self.logits.index_select(0, index)[:, 0].float(),
-            "activations": {n: self.activations[n].index_select(0, index)[:, 0].float() for n in names},
+            "logits": self.logits.flatten(0, 1).index_select(0, rows).float(),
+            "activations": {n: self.activations[n].flatten(0, 1).index_select(0, rows).float() for n in names},
         }
 
 
@@ -119,8 +127,8 @@ class CachedTeacher:
         self.targets = targets
         self.activations = list(activations)  # only what the losses use is gathered per batch
 
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> dict:
-        return self.targets.gather(index, self.activations)
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> dict:
+        return self.targets.gather(rows, self.activations)
 
 
 class OnlineTeacher:

@@ -1,6 +1,6 @@
 """Stage 2, `train-student`: train one or many students from cached soft targets.
 
-dataset (x, y, index) -> student (+ hooks, adapters) -> objective(student out, teacher targets[index],
+dataset (x, y, row; augment.TrainViews replays a view cache's views) -> student (+ hooks, adapters) -> objective(student out, teacher targets[index],
 alpha(progress), feature losses) -> optimizer -> evaluate each epoch
 -> OUT/<student>/{metrics.jsonl, model.pt}, OUT/summary.csv.
 With no cache it is plain training (teachers, baselines); with --teacher, online KD.
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdcache import features, losses
+from kdcache import augment, features, losses
 from kdcache.config import TrainConfig, as_dict, resolve
 from kdcache.data import WithIndex, load_split
 from kdcache.dump import resolve_device
@@ -48,7 +48,7 @@ def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: f
               feature_losses: dict | None = None, feature_weight: float = 0.0) -> dict:
     """`(1 - alpha) CE + alpha KD + feature_weight * sum(feature_losses)`, with its parts by name.
 
-    CE alone without a teacher. `feature_losses` is {pair: scalar} for the batch (FeatureKD's
+    CE alone without a teacher. `y` is [B] classes, or [B, C] mixed labels for mixed views. `feature_losses` is {pair: scalar} for the batch (FeatureKD's
     output); `feature_loss` reports their unweighted sum.
     """
     task = F.cross_entropy(out, y)
@@ -81,12 +81,12 @@ def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step
     step_losses = []
     alpha = weight = 0.0
     with capture(model, feature_kd.student_layers if feature_kd is not None else []) as feats:
-        for x, y, index in loader:
+        for x, y, row in loader:  # row: the view's row in the cache (the sample index without views)
             pos = step / total_steps
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            targets = teacher(x, index) if teacher is not None else None
+            targets = teacher(x, row) if teacher is not None else None
             alpha = alpha_schedule(pos) if alpha_schedule is not None else 0.0
             out = model(x)
             matched = None
@@ -132,9 +132,10 @@ def evaluate(model, loader, device, teacher_pred: torch.Tensor | None = None) ->
 
 # --- a whole run ---------------------------------------------------------------------------
 
-def _loader(data, cfg: TrainConfig, *, shuffle: bool, seed: int = 0, batch_size=None):
+def _loader(dataset, cfg: TrainConfig, *, shuffle: bool, seed: int = 0, batch_size=None):
+    """Batches of (x, y, row) from `dataset` (WithIndex or augment.TrainViews)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(WithIndex(data.dataset), batch_size=batch_size or cfg.batch_size,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size,
                                        shuffle=shuffle, generator=generator, num_workers=cfg.num_workers)
 
 
@@ -147,11 +148,12 @@ def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.O
 
 
 def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, teacher_pred, device, folder: str,
-        pairs=()) -> dict:
+        pairs=(), views: augment.TrainViews | None = None) -> dict:
     """Train one student from scratch; write its metrics and checkpoint; return its summary row.
 
     With feature `pairs` (and a teacher), adapters are built for this student and trained with it;
-    the checkpoint holds the student alone.
+    the checkpoint holds the student alone. With `views`, the student trains on those views of
+    `train_data` (replayed from a view cache, or its own augmentation), else on the data as it is.
     """
     torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student
     model = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
@@ -160,14 +162,15 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
         feature_kd = features.build_feature_kd(pairs, model, teacher, features.probe_batch(train_data.dataset, device))
         feature_schedule = Schedule(cfg.feature_weight_schedule, cfg.feature_weight_start, cfg.feature_weight)
     optimizer = make_optimizer(cfg, model, feature_kd)
-    train_loader = _loader(train_data, cfg, shuffle=True, seed=cfg.seed)
-    test_loader = _loader(test_data, cfg, shuffle=False, batch_size=256)
+    train_loader = _loader(views or WithIndex(train_data.dataset), cfg, shuffle=True, seed=cfg.seed)
+    test_loader = _loader(WithIndex(test_data.dataset), cfg, shuffle=False, batch_size=256)  # eval transform, one view
     total = cfg.epochs * len(train_loader)
     alpha_schedule = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha) if teacher is not None else None
 
     os.makedirs(folder, exist_ok=True)
+    run_config = dict(as_dict(cfg), student=name, kind=kind, views_used=views.describe() if views else None)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(dict(as_dict(cfg), student=name, kind=kind), f, indent=2)
+        json.dump(run_config, f, indent=2)
     started = time.perf_counter()
     history, first_epoch = [], 0
     state_path = os.path.join(folder, "last.pt")
@@ -179,6 +182,8 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
     with open(metrics_path, "a") as log:
         for epoch in range(first_epoch, cfg.epochs):
+            if views is not None:
+                views.set_epoch(epoch)  # which view each sample trains on: a function of seed, epoch, sample
             stats = train_one_epoch(model, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
                                     total_steps=total, alpha_schedule=alpha_schedule, device=device,
                                     feature_kd=feature_kd, feature_schedule=feature_schedule)
@@ -195,7 +200,7 @@ def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, 
     # the adapters are a training aid: the checkpoint is the student alone, a plain model
     save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
                     num_classes=train_data.num_classes, in_chans=train_data.in_chans,
-                    config=dict(as_dict(cfg), student=name, kind=kind), metrics=metrics)
+                    config=run_config, metrics=metrics)
     os.remove(state_path)  # the finished checkpoint supersedes it
     row["step_losses"] = history
     return row
@@ -259,7 +264,7 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
     test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
 
-    teacher, teacher_pred, mode, pairs = None, None, "plain", []
+    teacher, teacher_pred, mode, pairs, cache = None, None, "plain", [], None
     if cfg.cache:
         cache = open_cache(cfg.cache, device=device)
         if cfg.verify:
@@ -279,12 +284,14 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
         teacher, mode = CachedTeacher(targets, sorted({p.teacher for p in pairs})), "kd"
         if cache.has_split(cfg.test_split):
             cache.check_dataset(test_data)
-            teacher_pred = cache[cfg.test_split].logits[:, 0].float().argmax(1).cpu()
+            teacher_pred = cache[cfg.test_split].logits[:, 0].float().argmax(1).cpu()  # eval splits: one clean view
     elif cfg.teacher:
         model, info = build_teacher(cfg.teacher, num_classes=train_data.num_classes)
         pairs = features.pairs_for_teacher(cfg.features, model)
         teacher, mode = OnlineTeacher(model.to(device), features.teacher_forms(pairs)), "online_kd"
-        teacher_pred = _predict(model, _loader(test_data, cfg, shuffle=False, batch_size=256), device)
+        teacher_pred = _predict(model, _loader(WithIndex(test_data.dataset), cfg, shuffle=False, batch_size=256), device)
+    # the student's inputs: a view cache's views (replay-checked here), its own augmentation, or the data as is
+    views = augment.training_views(cfg, train_data, cache)
     if pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
         probe = features.probe_batch(train_data.dataset, device)
         for name in cfg.students:
@@ -310,7 +317,7 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
             row = finished_row(name, kind, cfg, done)  # a resumed sweep skips finished students
         else:
             row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
-                      teacher_pred, device, folders[(name, kind)], pairs)
+                      teacher_pred, device, folders[(name, kind)], pairs, views)
         row["teacher_top1"] = teacher_top1
         rows.append(row)
         print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)

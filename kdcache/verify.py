@@ -1,7 +1,8 @@
 """`kdcache verify`: is a store whole and sound? A list of problems, empty when it is.
 
 Checks completeness, every chunk against the checksum recorded when it was written (a flipped
-byte, a truncated or a deleted chunk file all show), non-finite values, and the fingerprint.
+byte, a truncated or a deleted chunk file all show), non-finite values, the fingerprint, and that
+a sample of a view cache's views still replays to the inputs the teacher saw.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def verify_store(path: str) -> list[str]:
     return problems
 
 
+REPLAY_SAMPLE = 64  # views regenerated per augmented split, as train-student's --verify-replay default
+
+
 def _verify_split(store, split: str, attrs: dict) -> list[str]:
     problems = []
     split_attrs = store.get_attrs(split)
@@ -39,7 +43,7 @@ def _verify_split(store, split: str, attrs: dict) -> list[str]:
         if array.shape[0] != n:
             problems.append(f"{split}/{name}: {array.shape[0]} rows, expected {n}")
         problems += _verify_chunks(array, f"{split}/{name}", checksums.get(name))
-    problems += _verify_fingerprint(split, dataset, attrs.get("config", {}))
+    problems += _verify_data(store, split, dataset, attrs, split_attrs)
     return problems
 
 
@@ -66,16 +70,26 @@ def _verify_chunks(array, label: str, recorded: list | None) -> list[str]:
     return problems
 
 
-def _verify_fingerprint(split: str, dataset: dict, config: dict) -> list[str]:
-    """Recompute the data's fingerprint where the data can be loaded here; skip it otherwise."""
+def _verify_data(store, split: str, dataset: dict, attrs: dict, split_attrs: dict) -> list[str]:
+    """Where the data can be loaded here: recompute its fingerprint, and replay a sample of the
+    split's views (if it has them) against their digests. Skipped where it cannot."""
+    from kdcache import augment
     from kdcache.data import load_split
 
     if not dataset.get("fingerprint"):
         return [f"split '{split}': no dataset fingerprint recorded"]
     try:
-        data = load_split(dataset["name"], split, root=config.get("data_root"))
+        data = load_split(dataset["name"], split, root=attrs.get("config", {}).get("data_root"))
     except KDCacheError:
         return []  # data not reachable from here (another machine's data root): nothing to compare
     if data.fingerprint() != dataset["fingerprint"]:
         return [f"split '{split}': dataset {dataset['name']} no longer matches the recorded fingerprint"]
+    recorded = attrs.get("augment") or {}
+    if split not in recorded.get("splits", []) or not store.has_array(f"{split}/view_digests"):
+        return []
+    try:
+        recipe = augment.stored_recipe(store, data, recorded)
+        augment.check_replay(recipe, recipe.stored["view_digests"], REPLAY_SAMPLE, recorded, split_attrs, split)
+    except KDCacheError as e:
+        return [str(e)]
     return []

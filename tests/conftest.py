@@ -23,3 +23,12 @@ def fp32_cache(teacher_ckpt, tmp_path_factory) -> str:
 
     return dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path_factory.mktemp("c") / "t.zarr"),
                         dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def view_cache(teacher_ckpt, tmp_path_factory) -> str:
+    """The teacher on 2 `digits`-augmented views of every training sample (test split: one clean view)."""
+    from kdcache import dump_teacher
+
+    return dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path_factory.mktemp("v") / "v.zarr"),
+                        dtype="float32", views=2, augment="digits")

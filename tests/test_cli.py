@@ -122,6 +122,13 @@ BAD = {
     "resume and overwrite in training": ["train-student", "--student", "resnet8", "--resume", "--overwrite"],
     "verify without a cache": ["train-student", "--student", "resnet8", "--verify"],
     "teacher of another architecture's weights": ["dump-teacher", "--teacher", "resnet8", "--weights", "{ckpt}", "--out", "{tmp}/x.zarr"],
+    "views of one clean input": ["dump-teacher", "--teacher", "{ckpt}", "--views", "4", "--out", "{tmp}/x.zarr"],
+    "unknown augmentation": ["dump-teacher", "--teacher", "{ckpt}", "--views", "4", "--augment", "cifarr", "--out", "{tmp}/x.zarr"],
+    "views of no split dumped": ["dump-teacher", "--teacher", "{ckpt}", "--split", "test", "--augment", "digits", "--out", "{tmp}/x.zarr"],
+    "mixing from an unmixed cache": ["train-student", "--cache", "{cache}", "--student", "cnn_tiny", "--mix", "cutmix", "--out", "{tmp}/s"],
+    "mixing with a one-class loss": ["train-student", "--student", "cnn_tiny", "--mix", "mixup", "--loss", "dkd"],
+    "student views without augmentation": ["train-student", "--student", "cnn_tiny", "--views", "4"],
+    "unknown view policy": ["train-student", "--student", "cnn_tiny", "--augment", "digits", "--view-policy", "shuffle"],
 }
 
 

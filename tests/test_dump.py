@@ -126,3 +126,28 @@ def test_non_finite_teacher_output_stops_the_dump_naming_the_sample(tmp_path):
 def test_teacher_for_another_class_count_is_refused(tmp_path, teacher_ckpt):
     with pytest.raises(KDCacheError, match="10 classes"):
         dump_teacher(teacher=teacher_ckpt, dataset="fake:size=8,classes=5", out=str(tmp_path / "c.zarr"))
+
+
+def test_dump_refuses_when_the_disk_cannot_hold_the_store(teacher_ckpt, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(KDCacheError, match="free"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "c.zarr"), activations=["layer1"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_store_size_estimate_bounds_what_is_written(teacher_ckpt, tmp_path):
+    from kdcache.dump import estimate_bytes, resolve_device
+    from kdcache.hooks import parse_activation
+    from kdcache.config import DumpConfig
+
+    cfg = DumpConfig(teacher=teacher_ckpt, out=str(tmp_path / "c.zarr"), activations=["layer1"])
+    teacher, _ = build_teacher(teacher_ckpt, num_classes=10)
+    splits = [load_split("digits", s) for s in cfg.splits]
+    need = estimate_bytes(teacher, splits, [parse_activation("layer1")], cfg, resolve_device("cpu"))
+    out = dump_teacher(cfg)
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    assert (2 * 1797 * 10 + 8 * 1797) < need and on_disk < need
