@@ -18,28 +18,21 @@ with it). Writes runs/views/ (replaced on each run) and prints markdown tables.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import statistics
+import sys
 import time
 
-import torch
 
 from kdcache import dump_teacher, train_student
 from kdcache.report import describe_store
 
-TEACHER = "runs/digits/teacher/resnet20/model.pt"  # pipelines/digits.yaml, stage 1
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # digits_experiment.py, run as a script
+from digits_experiment import parse_args, teacher_checkpoint  # noqa: E402
+
 AUGMENT = "digits"  # kdcache/augment.py: RandomAffine(10 degrees, 10% shift, scale 0.9-1.1), bilinear
 KD = dict(alpha=0.9, temperature=4.0)  # digits.yaml's end alpha, held constant: one setting for every row
 VIEWS = [1, 4, 16]
-
-
-def teacher_checkpoint(out: str) -> str:
-    if os.path.isfile(TEACHER):
-        return TEACHER
-    train_student(students=["resnet20"], dataset="digits", epochs=8, out=os.path.join(out, "teacher"))
-    return os.path.join(out, "teacher", "resnet20", "model.pt")
 
 
 def dump(teacher: str, out: str, **views) -> tuple[str, float]:
@@ -50,18 +43,7 @@ def dump(teacher: str, out: str, **views) -> tuple[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--student", default="cnn_tiny", help="the smallest demo student: the most to gain from KD")
-    parser.add_argument("--epochs", type=int, default=12, help="as the demo's students (pipelines/digits.yaml)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each row is a mean over these")
-    parser.add_argument("--out", default="runs/views")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads; 1 where another job shares the cores (spinning threads contend)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.makedirs(args.out)
+    args = parse_args(__doc__.splitlines()[0], "runs/views")
 
     teacher = teacher_checkpoint(args.out)
     caches, seconds = {}, {}
