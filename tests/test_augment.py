@@ -9,6 +9,7 @@ from kdcache import store as stores
 from kdcache.config import TrainConfig
 from kdcache.data import load_split
 from kdcache.errors import KDCacheError
+from helpers.crashing import Exploding
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)
 ON_TEST = dict(train_split="test", test_split="test")  # 360 samples: training on the small split keeps tests fast
@@ -194,19 +195,6 @@ def test_killed_training_on_views_resumes_to_the_same_metrics(mixed_cache, tmp_p
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "metrics.jsonl")]
 
     assert metrics(tmp_path / "run" / "cnn_tiny") == metrics(tmp_path / "full" / "cnn_tiny")
-
-
-class Exploding(torch.utils.data.Dataset):
-    def __init__(self, data, at):
-        self.data, self.at = data, at
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        if i == self.at:
-            raise RuntimeError("simulated crash")
-        return self.data[i]
 
 
 def test_an_interrupted_view_dump_resumes_to_the_same_store(teacher_ckpt, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from kdcache import store as stores
 from kdcache.data import load_split
 from kdcache.errors import KDCacheError
 from kdcache.models import build_teacher
+from helpers.crashing import Exploding
 
 
 def teacher_logits(ckpt, split="train"):
@@ -48,21 +49,6 @@ def test_store_attrs_say_how_it_was_made(teacher_ckpt, fp32_cache):
     assert attrs["config"]["teacher"] == teacher_ckpt and attrs["views"] == 1
     assert split["dataset"]["length"] == 1437 and split["dataset"]["fingerprint"] == load_split("digits", "train").fingerprint()
     assert split["rows_written"] == 1437
-
-
-class Exploding(torch.utils.data.Dataset):
-    """Digits that fail at sample `at`, as a crashed loader or a killed job would."""
-
-    def __init__(self, data, at):
-        self.data, self.at = data, at
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        if i == self.at:
-            raise RuntimeError("simulated crash")
-        return self.data[i]
 
 
 def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_store(teacher_ckpt, tmp_path, monkeypatch):
