@@ -389,3 +389,50 @@ def test_every_declared_form_runs():
         for form in allowed:
             loss = losses.FEATURE_LOSSES[name](forms[form](fs), forms[form](ft))
             assert torch.isfinite(loss), (name, form)
+
+
+# ----------------------------------------------------------------------------- top-K teachers
+
+
+def topk_teacher(k):
+    """TT's K largest logits per row with the full rows' logsumexp, as a top-K cache holds them."""
+    from kdcache.encodings import TopK
+
+    idx = np.argsort(-TT, axis=1, kind="stable")[:, :k]
+    lse = np.log(np.exp(TT).sum(axis=1))
+    return TopK(t64(np.take_along_axis(TT, idx, 1)), torch.tensor(idx), t64(lse), TT.shape[1]), idx
+
+
+def np_even_tail_logit(t, top):
+    """The logit each of the C - K other classes gets so that they hold the true tail mass evenly."""
+    lse = math.log(np.exp(t).sum())
+    tail_mass = 1.0 - sum(math.exp(t[i] - lse) for i in top)
+    return lse + math.log(tail_mass / (len(t) - len(top)))
+
+
+def test_soft_target_topk_sparse_is_kl_over_the_k_classes_and_one_tail_bin():
+    T, k = 2.0, 2
+    teacher, idx = topk_teacher(k)
+    expected = 0.0
+    for s, t, top in zip(S, TT, idx):
+        rest = [i for i in range(len(t)) if i not in top]
+        l_tail = np_even_tail_logit(t, top)
+        pt = np.array([math.exp(t[i] / T) for i in top] + [len(rest) * math.exp(l_tail / T)])
+        ps = np_softmax(s / T)
+        expected += T * T * np_kl(pt / pt.sum(), [ps[i] for i in top] + [ps[rest].sum()])
+    expected /= len(S)
+    got = losses.soft_target_topk(t64(S), teacher, T=T)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_soft_target_topk_dense_is_soft_target_against_the_evenly_filled_logits():
+    T, k = 2.0, 2
+    teacher, idx = topk_teacher(k)
+    expected = 0.0
+    for s, t, top in zip(S, TT, idx):
+        filled = np.full(len(t), np_even_tail_logit(t, top))
+        filled[top] = t[top]
+        expected += T * T * np_kl(np_softmax(filled / T), np_softmax(s / T))
+    expected /= len(S)
+    got = losses.soft_target_topk(t64(S), teacher, T=T, reconstruction="dense")
+    assert got.item() == pytest.approx(expected, rel=1e-9)
