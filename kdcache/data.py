@@ -1,6 +1,7 @@
 """Datasets by name, split by split, with the fingerprint that ties a cache to its data.
 
-Registry names: `digits` (bundled with scikit-learn), `fake[:size=N,classes=C,image=S]`
+Registry names: `digits` (bundled with scikit-learn), `digit-pairs[:size=N,test_size=M]` (100
+classes made from digits), `fake[:size=N,classes=C,image=S]`
 (torchvision FakeData), torchvision datasets read from `--data-root` (never downloaded),
 `imagefolder:PATH`, and `module:callable` for a user's own dataset.
 """
@@ -134,6 +135,82 @@ def digits(split: str, root=None) -> SplitData:
         name="digits", split=split, dataset=TensorDataset(images, labels), labels=labels, num_classes=10,
         class_names=[str(i) for i in range(10)],
         transform="8x8 /16, bilinear to 32x32, (x-0.5)/0.5, 3 channels", background=-1.0,
+    )
+
+
+# --- built-in: digit pairs -------------------------------------------------------------------
+
+# 20000 train pairs: 200 per class, and 2 epochs of cnn_small take 36 s on 2 CPU cores (measured:
+# see digit_pairs); with 144 train images per digit, 200 draws per class rarely repeat a pair.
+# 4000 test pairs: 40 per class, so one test error moves top-1 by 0.025%.
+DIGIT_PAIRS_TRAIN, DIGIT_PAIRS_TEST = 20_000, 4_000
+DIGIT_PAIRS_SEED = {"train": 1, "test": 2}  # a split's own stream: changing one size leaves the other split as it was
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Sample i is images[pairs[i, 0]] and images[pairs[i, 1]] side by side: [C, H, 2W].
+
+    Pairs are put together on access: 20000 precomputed pairs would be 480 MB, the indices are 320 kB.
+    """
+
+    def __init__(self, images: torch.Tensor, pairs: np.ndarray, labels: np.ndarray):
+        self.images, self.pairs = images, torch.as_tensor(pairs, dtype=torch.int64)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        left, right = self.pairs[i]
+        return torch.cat([self.images[left], self.images[right]], dim=-1), int(self.labels[i])
+
+
+def digit_pair_indices(digit_labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`size` (left, right) image indices and their classes 10 * left digit + right digit.
+
+    Every class appears size // 100 or size // 100 + 1 times, in shuffled order; each class draws its
+    two images uniformly from the images of its digits.
+    """
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.arange(size) % 100).astype(np.int64)
+    by_digit = [np.flatnonzero(digit_labels == d) for d in range(10)]
+    pairs = np.empty((size, 2), dtype=np.int64)
+    for side, digit in ((0, classes // 10), (1, classes % 10)):
+        for d in range(10):
+            rows = np.flatnonzero(digit == d)
+            pairs[rows, side] = rng.choice(by_digit[d], size=len(rows))
+    return pairs, classes
+
+
+@register_dataset
+def digit_pairs(split: str, root=None, size: int = DIGIT_PAIRS_TRAIN, test_size: int = DIGIT_PAIRS_TEST) -> SplitData:
+    """Two digits side by side, [3, 32, 64] in [-1, 1]; class "37" is a 3 on the left of a 7.
+
+    100 classes with real structure (pairs sharing a digit look alike) from the bundled digits alone:
+    train pairs use only digits' train images, test pairs only its test images. `size` and
+    `test_size` are the numbers of train and test pairs. Never flip these images (`--augment digits`
+    suits them; `cifar` would swap the digits and mirror them).
+
+    Measured (2 CPU threads): cnn_small, plain, 2 epochs: top-1 63.4%, top-5 97.8%, 36 s. Global
+    pooling sees the order of the digits only near the borders: 87% name both digits, and most
+    errors are the swapped class ("73" for "37"), the near miss that dark knowledge should carry.
+    """
+    _check_split("digit-pairs", split, ("train", "test"))
+    try:
+        size, test_size = int(size), int(test_size)
+    except ValueError:
+        raise KDCacheError(f"digit-pairs options size and test_size must be whole numbers; got size={size}, "
+                           f"test_size={test_size} (example: digit-pairs:size=5000)") from None
+    if size < 1 or test_size < 1:
+        raise KDCacheError(f"digit-pairs needs size >= 1 and test_size >= 1; got size={size}, test_size={test_size}")
+    images, digit_labels = digits_tensors(split)
+    pairs, labels = digit_pair_indices(digit_labels, size if split == "train" else test_size, DIGIT_PAIRS_SEED[split])
+    return SplitData(
+        name=f"digit-pairs:size={size},test_size={test_size}", split=split,
+        dataset=PairDataset(images, pairs, labels), labels=labels, num_classes=100,
+        class_names=[f"{c:02d}" for c in range(100)],
+        transform="digits (8x8 /16, bilinear to 32x32, (x-0.5)/0.5, 3 channels), two side by side: 32x64",
+        background=-1.0,
     )
 
 

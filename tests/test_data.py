@@ -76,3 +76,73 @@ def test_imagefolder_reads_splits_and_names_missing_ones(tmp_path):
 def test_bad_dataset_names_say_what_to_do(spec, split, match):
     with pytest.raises(KDCacheError, match=match):
         load_split(spec, split)
+
+
+# --- digit-pairs: 100 classes built from the bundled digits ----------------------------------
+
+def test_digit_pairs_has_100_balanced_classes_named_00_to_99():
+    data = load_split("digit-pairs:size=1000,test_size=200", "train")
+    assert (len(data), data.num_classes) == (1000, 100) and data.class_names[:3] == ["00", "01", "02"]
+    assert data.class_names[-1] == "99" and np.bincount(data.labels, minlength=100).tolist() == [10] * 100
+    assert len(load_split("digit-pairs:size=1000,test_size=200", "test")) == 200
+
+
+def test_digit_pair_halves_are_the_digits_its_label_names():
+    from kdcache.data import digits_tensors
+
+    data = load_split("digit-pairs:size=300", "train")
+    images, digit_labels = digits_tensors("train")
+    for i in range(0, 300, 7):
+        x, y = data.dataset[i]
+        left, right = data.dataset.pairs[i].tolist()
+        assert x.shape == (3, 32, 64) and -1 <= float(x.min()) and float(x.max()) <= 1
+        assert y == data.labels[i] == 10 * digit_labels[left] + digit_labels[right]
+        assert torch.equal(x[..., :32], images[left]) and torch.equal(x[..., 32:], images[right])
+
+
+def test_digit_pairs_are_deterministic_and_fingerprinted_per_size():
+    a, b = load_split("digit-pairs:size=500", "train"), load_split("digit-pairs:size=500", "train")
+    assert np.array_equal(a.labels, b.labels) and torch.equal(a.dataset[123][0], b.dataset[123][0])
+    assert a.fingerprint() == b.fingerprint() != load_split("digit-pairs:size=501", "train").fingerprint()
+
+
+def test_digit_pairs_train_and_test_draw_on_disjoint_digit_images():
+    from kdcache.data import digits_tensors
+
+    def halves(split):
+        data = load_split("digit-pairs:size=400,test_size=400", split)
+        return {h.numpy().tobytes() for i in range(len(data)) for h in data.dataset[i][0].split(32, dim=-1)}
+
+    test_digits = {x.numpy().tobytes() for x in digits_tensors("test")[0]}
+    train_halves, test_halves = halves("train"), halves("test")
+    assert test_halves <= test_digits and not train_halves & test_digits
+
+
+def test_digit_pairs_survive_pickling_for_dataloader_workers():
+    import pickle
+
+    data = load_split("digit-pairs:size=50", "train")
+    copy = pickle.loads(pickle.dumps(data.dataset))
+    assert torch.equal(copy[7][0], data.dataset[7][0]) and copy[7][1] == data.dataset[7][1]
+
+
+def test_cnn_tiny_runs_on_digit_pairs():
+    from kdcache.models import create_model
+
+    data = load_split("digit-pairs:size=4", "train")
+    x = torch.stack([data.dataset[i][0] for i in range(4)])
+    assert create_model("cnn_tiny", num_classes=data.num_classes)(x).shape == (4, 100)
+
+
+@pytest.mark.parametrize("spec,split,match", [
+    ("digit-pairs:size=0", "train", "size >= 1"),
+    ("digit-pairs:test_size=-3", "test", "test_size >= 1"),
+    ("digit-pairs:size=lots", "train", "whole numbers"),
+    ("digit-pairs:sise=5", "train", "bad options"),
+    ("digit-pairs:size", "train", "not key=value"),
+    ("digit-pairs", "validation", "splits are train, test"),
+])
+def test_bad_digit_pairs_options_say_what_to_do_in_one_line(spec, split, match):
+    with pytest.raises(KDCacheError, match=match) as e:
+        load_split(spec, split)
+    assert "\n" not in str(e.value)
