@@ -41,7 +41,9 @@ def cli():
 @click.option("--split", "splits", multiple=True, help="Split to dump; repeat for several (default: train and test).")
 @click.option("--out", help="Store to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
 @click.option("--activation", "activations", multiple=True, help="Teacher module to store, NAME[:full|attention|pool]; repeatable.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype of logits and activations (default float16).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
+              help="Storage dtype of logits and activations (default float16; int8: logits quantized per row).")
+@click.option("--topk", type=int, help="Keep the K largest logits per view, with their classes and the logsumexp.")
 @click.option("--views", type=int, help="Augmented views per training sample, each with its own teacher output (default 1).")
 @click.option("--augment", help="Transform of the views: cifar, imagenet, digits, none (default) or module:callable.")
 @click.option("--augment-seed", type=int, help="Base of every view's seed (default 0).")
@@ -60,8 +62,11 @@ def dump_teacher_cmd(config_file, **options):
     from kdcache.config import DumpConfig
     from kdcache.dump import dump_teacher
 
+    from kdcache.distributed import Dist
+
     out = dump_teacher(_config(DumpConfig, config_file, options))
-    click.echo(f"wrote {out}")
+    if Dist.from_env().is_main:  # under torchrun: said once, not once per rank
+        click.echo(f"wrote {out}")
 
 
 @cli.command("train-student")
@@ -99,6 +104,12 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--mix", type=click.Choice(["mixup", "cutmix"]), help="Mix the student's views (from a cache: only if dumped with --mix).")
 @click.option("--mix-alpha", type=float, help="Beta(alpha, alpha) mixing weights (default 1).")
 @click.option("--verify-replay", type=int, help="Views of a view cache to regenerate and check before training (default 64; 0: none).")
+@click.option("--topk-reconstruction", type=click.Choice(["sparse", "dense"]),
+              help="Top-k caches: KL over the K classes plus a tail bucket (default), or FKD's dense even tail.")
+@click.option("--targets-in", type=click.Choice(["auto", "memory", "gpu", "stream"]),
+              help="Where the teacher targets live: RAM, GPU, or streamed in blocks (default auto: by size and device).")
+@click.option("--buffer-blocks", type=int, help="--targets-in stream: blocks shuffled together (default 8).")
+@click.option("--jobs", type=int, help="Students trained at once, one per GPU or sharing the CPU (default 1).")
 @click.option("--device")
 @click.option("--num-workers", type=int)
 @click.option("--train-split", help="Split to train on (default train).")
@@ -138,6 +149,23 @@ def verify_cmd(store):
     click.echo(f"{store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     if problems:
         sys.exit(1)
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
+              help="Storage dtype of DST's logits (and activations) (default: SRC's; int8: dense logits quantized per row).")
+@click.option("--topk", type=int, help="Keep the K largest logits per view, K <= SRC's for a top-k SRC (default: "
+                                       "SRC's; 0: dense logits).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST once the new one is complete.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted convert (DST.partial) of the same SRC.")
+def convert_cmd(src, dst, dtype, topk, overwrite, resume):
+    """Re-encode a store without the teacher: another --dtype or --topk, zarr <-> HDF5 by DST's suffix."""
+    from kdcache.convert import convert_store
+
+    out = convert_store(src, dst, dtype=dtype, topk=topk, overwrite=overwrite, resume=resume)
+    click.echo(f"wrote {out}")
 
 
 @cli.command("layers")

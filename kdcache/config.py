@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from kdcache.errors import KDCacheError, closest
 
 
+TARGETS_IN = ("auto", "memory", "gpu", "stream")
+DTYPES = ("float16", "bfloat16", "float32", "int8")  # int8: per-row affine quantized logits (kdcache/encodings.py)
+
+
 @dataclass
 class DumpConfig:
     teacher: str = ""  # kdcache checkpoint (OUT/<student>/model.pt) or a model name with --weights
@@ -22,6 +26,7 @@ class DumpConfig:
     out: str = ""  # STORE.zarr (Zarr v3 directory) or STORE.h5 (HDF5 file)
     activations: list = field(default_factory=list)  # NAME[:full|attention|pool] teacher modules to store
     dtype: str = "float16"  # half the bytes of float32; logits lose < 1e-3 relative, far below KD noise
+    topk: int | None = None  # keep only the K largest logits (+ indices, logsumexp): ImageNet-scale caches, see README
     views: int = 1  # teacher outputs per training sample, each on its own augmented view (kdcache/augment.py)
     augment: str = "none"  # the views' transform: cifar, imagenet, digits, none or module:callable
     augment_seed: int = 0  # with the sample index and view number, names each view's seed for good
@@ -41,8 +46,10 @@ class DumpConfig:
             raise KDCacheError("dump-teacher needs --teacher (a kdcache checkpoint, or a model name with --weights)")
         if not self.out:
             raise KDCacheError("dump-teacher needs --out STORE.zarr or STORE.h5")
-        if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise KDCacheError(f"--dtype {self.dtype!r} is not supported; use float16, bfloat16 or float32")
+        if self.dtype not in DTYPES:
+            raise KDCacheError(f"--dtype {self.dtype!r} is not supported; use {', '.join(DTYPES)}")
+        if self.topk is not None and (not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1):
+            raise KDCacheError(f"--topk must be a positive integer (classes kept per row), got {self.topk!r}")
         _positive("batch_size", self.batch_size)
         _non_negative("num_workers", self.num_workers)
         _positive("chunk_bytes", self.chunk_bytes)
@@ -106,6 +113,10 @@ class TrainConfig:
     overwrite: bool = False  # replace existing student folders in OUT
     resume: bool = False  # continue killed runs from their last epoch; skip students already finished
     verify: bool = False  # check every chunk of the cache against its checksum before training
+    topk_reconstruction: str = "sparse"  # top-k caches: KL over the K classes + a tail bucket, or dense (FKD's even tail)
+    targets_in: str = "auto"  # memory, gpu or stream (blocks read in the background); auto picks by size and device
+    buffer_blocks: int = 8  # --targets-in stream: whole blocks shuffled together (more: better mixing, more memory)
+    jobs: int = 1  # students trained at once, one per GPU (or sharing the CPU's cores): a sweep convenience
 
     def validate(self) -> None:
         if not self.students:
@@ -139,6 +150,12 @@ class TrainConfig:
         from kdcache.augment import check_mix_loss
 
         check_mix_loss(self.loss, self.mix)
+        if self.topk_reconstruction not in ("sparse", "dense"):
+            raise KDCacheError(f"--topk-reconstruction {self.topk_reconstruction!r} is not one; use sparse or dense")
+        if self.targets_in not in TARGETS_IN:
+            raise KDCacheError(f"--targets-in {self.targets_in!r} is not a place; use {', '.join(TARGETS_IN)}")
+        _positive("buffer_blocks", self.buffer_blocks)
+        _positive("jobs", self.jobs)
         if self.view_policy not in ("random", "cycle"):
             raise KDCacheError(f"--view-policy {self.view_policy!r} is not a policy; use random or cycle")
         if self.views and self.augment in (None, "none") and not self.cache:

@@ -7,6 +7,7 @@ A row of every array is one sample: [V, ...], all its views.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -14,14 +15,13 @@ import os
 import numpy as np
 import torch
 
-from kdcache import augment
+from kdcache import augment, distributed, encodings, writer
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher, get_module
-from kdcache.writer import ChunkWriter, chunk_checksum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,28 +55,34 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     """Run the teacher over every split of `cfg` into a store; return the store's path.
 
     Python API: `kdcache.dump_teacher(teacher="runs/t/resnet20/model.pt", dataset="digits",
-    out="cache.zarr")` takes the same options as the command line.
+    out="cache.zarr")` takes the same options as the command line. Under `torchrun` every rank
+    runs this; each writes its own contiguous range of whole blocks (see kdcache/distributed.py).
     """
     cfg = cfg or resolve(DumpConfig, overrides=options, source="dump_teacher()")
     out = cfg.out.rstrip("/")
+    out = stores.remote.local_path(out) or out  # file:///x.zarr is a local path: written at .partial, renamed, locked
+    backend = stores.backend_for(out)  # an unknown suffix fails before any work
+    dist = distributed.Dist.from_env()
+    if dist.world_size > 1 and not backend.supports_concurrent_writers:
+        raise KDCacheError(f"a distributed dump writes one store from {dist.world_size} processes, which HDF5 "
+                           "cannot; dump to a .zarr store, then kdcache convert it to .h5")
+    device = distributed.device_for(dist, resolve_device(cfg.device))
+    with distributed.process_group(device.type) as dist:
+        # one writer per store: a second dump fails here, at once (rank 0 holds it for all ranks; a URL takes no lock)
+        with stores.StoreLock(out) if dist.is_main else contextlib.nullcontext():
+            with stores.translate_errors(out):  # read-only credentials for a URL: one line, not a botocore traceback
+                return _dump(cfg, out, dist, device)
+
+
+def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
     partial = stores.partial_path(out)
-    stores.backend_for(out)  # an unknown suffix fails before any work
-    with stores.StoreLock(out):  # one writer per store: a second dump fails here, at once
-        return _dump(cfg, out, partial)
+    # 1. what to do: decided by rank 0 alone, so every rank takes the same way (or the same error)
+    action = distributed.on_main(dist, lambda: _action(cfg, out, partial))
+    if action == "done":
+        print(f"{out} is already complete; nothing to resume")
+        return out
 
-
-def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
-    if os.path.exists(out) and not (cfg.overwrite or cfg.resume):
-        raise KDCacheError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
-    if os.path.exists(partial) and not (cfg.overwrite or cfg.resume):
-        raise KDCacheError(f"an interrupted dump exists at '{partial}'; pass --resume to finish it or --overwrite to start over")
-    if cfg.resume and not os.path.exists(partial):
-        if os.path.exists(out):
-            print(f"{out} is already complete; nothing to resume")
-            return out
-        raise KDCacheError(f"nothing to resume: neither '{partial}' nor '{out}' exists; run without --resume")
-
-    device = resolve_device(cfg.device)
+    # 2. every rank: the data, the teacher and its outputs' encoding
     splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
     # a teacher given by name takes its shape from the data; a checkpoint is checked against it
     teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
@@ -92,6 +98,8 @@ def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
         if data.num_classes != info["num_classes"]:
             raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has {data.num_classes}; "
                                "use the teacher trained on this dataset")
+    codec = encodings.LogitCodec(cfg.dtype, cfg.topk, info["num_classes"])
+    codec.validate()
 
     root_attrs = {
         "schema_version": stores.SCHEMA_VERSION,
@@ -100,149 +108,195 @@ def _dump(cfg: DumpConfig, out: str, partial: str) -> str:
         "complete": False,
         "teacher": info,
         "splits": list(cfg.splits),
-        "dtype": cfg.dtype,
-        "encoding": stores.STORAGE_DTYPES[cfg.dtype][1],
+        **codec.attrs(),  # dtype, topk, encoding: how the logits are stored
+        "activation_dtype": activation_dtype(cfg.dtype),
         "views": cfg.views,
         "augment": augment.dump_attrs(cfg),  # how views were made (None: one clean view per sample)
-        "topk": None,
         "activations": {name: {"form": form} for name, form in activations},
         "config": as_dict(cfg),
     }
-    if cfg.resume:
+
+    # 3. rank 0 makes (or reopens) the store and every split's arrays; the others then open it
+    def prepare():
+        with stores.translate_errors(out):  # a KDCacheError, so that on_main hands it to every rank
+            if action == "resume":
+                store = stores.open_store(partial, read_only=False)
+                _check_resumable(store, root_attrs, splits)
+            else:
+                _check_free_space(out, teacher, splits, activations, codec, cfg, device)
+                # a URL is its own partial: --overwrite deletes the old store here, before writing, since an
+                # object store has no rename that could keep it until the new one is complete
+                store = stores.create_store(partial)
+                store.update_attrs(root_attrs)
+            for data in splits:
+                _prepare_split(store, teacher, data, activations, codec, cfg, device)
+            return store
+
+    store = distributed.on_main(dist, prepare, share=False)
+    if not dist.is_main:
         store = stores.backend_for(partial)(partial, read_only=False)
-        _check_resumable(store, root_attrs, splits)
-    else:
-        _check_free_space(out, teacher, splits, activations, cfg, device)
-        store = stores.create_store(partial)
-        store.update_attrs(root_attrs)
     try:
         for data in splits:
-            _dump_split(store, teacher, data, activations, cfg, device, augment.dump_recipe(cfg, data))
-        store.update_attrs({"complete": True})  # written last: only now does the store read as complete
+            _dump_split(store, teacher, data, activations, codec, cfg, device, dist)
+        distributed.barrier(dist)  # every rank's blocks are on disk
+        if dist.is_main:
+            store.update_attrs({"complete": True})  # written last: only now does the store read as complete
     finally:
         store.close()
-    if os.path.exists(out):  # --overwrite: the old store goes only once the new one is whole
-        stores.remove_store(out)
-    os.replace(partial, out)
+    if dist.is_main:
+        stores.publish(partial, out)  # the rename into place (replacing an old store); a URL is in place already
+    distributed.barrier(dist)  # no rank reports success before the store is in place
     return out
 
 
-def _dump_split(store, teacher, data: SplitData, activations, cfg: DumpConfig, device, recipe) -> None:
-    """One split into `store`; `recipe` (augment.ViewRecipe) makes its views, None: one clean view."""
-    split, n = data.split, len(data)
-    if store.get_attrs(split).get("complete") if split in store.group_names() else False:
-        return
+def _action(cfg: DumpConfig, out: str, partial: str) -> str:
+    """create, resume or done; or the user error that stops the dump."""
+    state = stores.state(out)  # missing, partial (an interrupted dump at `partial`) or complete
+    if state == "complete" and not (cfg.overwrite or cfg.resume):
+        raise KDCacheError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
+    if state == "partial" and not (cfg.overwrite or cfg.resume):
+        raise KDCacheError(f"an interrupted dump exists at '{partial}'; pass --resume to finish it or --overwrite to start over")
+    if cfg.resume and state != "partial":
+        if state == "complete":
+            return "done"
+        where = f"'{out}' does not exist" if partial == out else f"neither '{partial}' nor '{out}' exists"
+        raise KDCacheError(f"nothing to resume: {where}; run without --resume")
+    return "resume" if cfg.resume else "create"
+
+
+def activation_dtype(dtype: str) -> str:
+    """Activations keep a float dtype: int8's per-row affine quantization is for logits only."""
+    return "float16" if dtype == "int8" else dtype
+
+
+def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig, device):
+    """(views, recipe, {name relative to split: (shape, storage dtype)}) of a split's outputs."""
+    recipe = augment.dump_recipe(cfg, data)  # how its views are made; None: one clean view
     views = cfg.views if recipe is not None else 1
-    source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
-    shapes = _probe(teacher, source, activations, device)
-    storage_dtype = stores.STORAGE_DTYPES[cfg.dtype][0]
-    specs = {"logits": ((n, views) + shapes["logits"], storage_dtype)}
-    for name, form in activations:
-        specs[f"activations/{name}"] = ((n, views) + shapes[name], storage_dtype)
-    arrays = {}
-    for key, (shape, dtype) in specs.items():
-        rows = stores.chunk_rows(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize, n, cfg.chunk_bytes)
-        arrays[f"{split}/{key}"] = _array(store, f"{split}/{key}", shape, dtype, rows)
-    # seeds, digests and mixes are chunked like the logits: tiny rows would make huge chunks, and the
-    # largest chunk sets the step a resumed dump restarts at
+    n = len(data)
+    shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, views), activations, device)
+    specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in codec.arrays().items()}
+    act_dtype = stores.STORAGE_DTYPES[activation_dtype(cfg.dtype)][0]
+    for name, _ in activations:
+        specs[f"activations/{name}"] = ((n, views) + shapes[name], act_dtype)
     for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
-        arrays[f"{split}/{key}"] = _array(store, f"{split}/{key}", (n, views) + tail, dtype, arrays[f"{split}/logits"][1])
-    if not store.has_array(f"{split}/labels"):
-        labels = store.create_array(f"{split}/labels", shape=(n,), dtype="int64",
-                                    chunks=(stores.chunk_rows(8, n, cfg.chunk_bytes),))
-        labels[:] = data.labels
-        label_rows = labels.chunks[0] if hasattr(labels, "chunks") else n
-        sums = [chunk_checksum(data.labels[i : i + label_rows]) for i in range(0, n, label_rows)]
-        store.update_attrs({"dataset": data.describe(), "transform": data.transform, "views": views,
-                            "view_transform": recipe.augmentation.description if recipe is not None else None,
-                            "rows_written": 0, "complete": False, "checksums": {"labels": sums}}, group=split)
+        specs[key] = ((n, views) + tail, dtype)
+    return views, recipe, specs
 
-    # restart where every array begins a fresh chunk: chunk sizes are powers of two, so the
-    # largest one's boundaries are boundaries of all
-    recorded = store.get_attrs(split)
-    done = recorded.get("rows_written", 0)
-    step = max(rows for _, rows in arrays.values())
-    start = done if done >= n else done - done % step
-    prefix = f"{split}/"
 
-    def progress(rows, checksums):  # from the writer thread, each time more rows are whole on disk
-        sums = dict(recorded.get("checksums", {}), **{k.removeprefix(prefix): v for k, v in checksums.items()})
-        store.update_attrs({"checksums": sums, "rows_written": rows}, group=split)  # the marker last
+def _prepare_split(store, teacher, data: SplitData, activations, codec, cfg: DumpConfig, device) -> None:
+    """Create a split's arrays, labels and attrs (rank 0, before any rank writes)."""
+    views, recipe, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
+    stores.create_split(store, data.split, specs, np.asarray(data.labels, dtype=np.int64), cfg.chunk_bytes,
+                        {"dataset": data.describe(), "transform": data.transform, "views": views,
+                         "view_transform": recipe.augmentation.description if recipe is not None else None})
 
-    seed = {prefix + k: v for k, v in recorded.get("checksums", {}).items()}
-    writer = ChunkWriter(arrays, start_row=start, on_progress=progress, checksums=seed)
-    subset = torch.utils.data.Subset(source, range(start, n))
+
+def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpConfig, device, dist) -> None:
+    """This rank's blocks of one split that are not on disk yet, then (rank 0) the split's completion."""
+    split, n = data.split, len(data)
+    attrs = store.get_attrs(split)
+    if attrs.get("complete"):
+        return
+    block = attrs["block_rows"]
+    n_blocks = -(-n // block)
+    views, recipe, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
+    known = writer.read_progress(store, split, specs, n_blocks)
+    done = writer.blocks_done(known, n_blocks)
+    # ranks start on a teacher batch boundary as well as a block's, so each batch holds the samples it
+    # holds in a 1-process dump: kernels may round differently by batch size (CPU convolutions on
+    # batches of 1 and 7 differ from batches of 32 by ~1e-6 here; cuDNN picks algorithms by shape).
+    # Blocks and batches are powers of two by default, so the unit is one block or a few; any other batch
+    # size deals blocks in larger units (lcm), i.e. fewer and less even shares
+    import math
+
+    samples = max(1, cfg.batch_size // views)  # the loader's batch in _write_blocks
+    mine = distributed.rank_blocks_aligned(n_blocks, dist.world_size, dist.rank, math.lcm(block, samples) // block)
+    todo = [b for b in mine if b not in done]
+    if todo:
+        record = writer.ProgressRecord(store, split, mine.start, mine.stop, known)
+        _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record, specs)
+    distributed.barrier(dist)  # every rank's share of the split is on disk
+    if dist.is_main:
+        known = writer.read_progress(store, split, specs, n_blocks)
+        missing = n_blocks - len(writer.blocks_done(known, n_blocks))
+        assert missing == 0, f"{missing} blocks of {split} were not written"
+        writer.finish_split(store, split, known, n)
+
+
+def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record,
+                  keys) -> None:
+    """Run the teacher over the samples of blocks `todo` (in order) and write them into the split's
+    arrays `keys` (names relative to the split)."""
+    split, n = data.split, len(data)
+    source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
+    # named, not listed: listing the split walks the other ranks' progress records as they are rewritten
+    arrays = {f"{split}/{key}": store.array(f"{split}/{key}") for key in keys}
+    out = writer.BlockWriter(arrays, block_rows=block, blocks=todo, on_block=record.record)
+    rows = [i for b in todo for i in range(b * block, min((b + 1) * block, n))]
     cuda = device.type == "cuda"
     # --batch-size counts teacher inputs: B // V samples of V views each
-    loader = torch.utils.data.DataLoader(subset, batch_size=max(1, cfg.batch_size // views), shuffle=False,
-                                         num_workers=cfg.num_workers, pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
+                                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
     from tqdm import tqdm
 
-    bar = tqdm(total=n, initial=start, unit="samples", desc=f"dump {split}", disable=None, unit_scale=True)
+    bar = tqdm(total=n, initial=n - len(rows), unit="samples", desc=f"dump {split}", disable=None, unit_scale=True)
     names = [name for name, _ in activations]
+    act_dtype = activation_dtype(cfg.dtype)
     try:
         with torch.inference_mode(), torch.autocast("cuda", enabled=cuda), capture(teacher, names) as acts:
-            row = start
-            for x, record in loader:
+            done = 0
+            for x, view_records in loader:
                 b, v = x.shape[:2]
                 x = x.to(device, non_blocking=True).flatten(0, 1)  # [B * V, C, H, W]: every view in one teacher batch
                 logits = teacher(x).float().unflatten(0, (b, v))  # [B, V, C]
                 if not cfg.allow_nonfinite:
-                    _check_finite(logits.flatten(1), row)
-                rows = {f"{split}/logits": encode(logits, cfg.dtype)}
+                    _check_finite(logits.flatten(1), rows[done])
+                batch = {f"{split}/{k}": t for k, t in codec.encode(logits).items()}
                 for name, form in activations:
-                    rows[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
-                                                                 cfg.dtype)
+                    batch[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
+                                                                  act_dtype)
                 # copies are queued behind the teacher's kernels; the writer waits on the event
-                host = {k: t.to("cpu", non_blocking=cuda) for k, t in rows.items()}
-                host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in record.items()})  # on the host already
+                host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
+                host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in view_records.items()})  # on the host already
                 ready = torch.cuda.Event() if cuda else None
                 if ready is not None:
                     ready.record()
-                writer.put(host, ready)
-                row += b
+                out.put(host, ready)
+                done += b
                 bar.update(b)
     except BaseException:
-        writer.abort()
+        out.abort()
         raise
     finally:
         bar.close()
-    writer.close()
-    store.update_attrs({"complete": True}, group=split)
+    out.close()
 
 
-def _array(store, path: str, shape: tuple, dtype: str, rows: int):
-    """(array, rows per chunk) at `path`, created unless a resumed store has it already."""
-    if not store.has_array(path):
-        store.create_array(path, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:])
-    array = store.array(path)
-    return array, array.chunks[0]  # a resumed store keeps the chunking it was made with
-
-
-def estimate_bytes(teacher, splits, activations, cfg: DumpConfig, device) -> int:
+def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device) -> int:
     """Uncompressed size of the store: an upper bound, since chunks are compressed (digits' fp16
     logits shrink ~10%, feature maps more)."""
-    itemsize = np.dtype(stores.STORAGE_DTYPES[cfg.dtype][0]).itemsize
     total = 0
     for data in splits:
-        recipe = augment.dump_recipe(cfg, data)
-        views = cfg.views if recipe is not None else 1
-        shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, views), activations, device)
-        per_view = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize + (16 if recipe else 0)
-        total += len(data) * (8 + views * per_view)  # labels, then every view's outputs and records
+        _, _, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
+        total += 8 * len(data)  # labels
+        total += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
     return total
 
 
-def _check_free_space(out: str, teacher, splits, activations, cfg: DumpConfig, device) -> None:
+def _check_free_space(out: str, teacher, splits, activations, codec, cfg: DumpConfig, device) -> None:
     """Refuse before writing a byte when the store cannot fit: better than ENOSPC hours in."""
     import shutil
 
-    need = estimate_bytes(teacher, splits, activations, cfg, device)
+    if stores.is_url(out):
+        return  # an object store reports no free space to check against
+
+    need = estimate_bytes(teacher, splits, activations, codec, cfg, device)
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
     if need > free:
         raise KDCacheError(f"the store needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
                            f"where '{out}' goes; free space, choose another --out, or store reduced activations "
-                           "(NAME:attention or NAME:pool)")
+                           "(NAME:attention or NAME:pool), --topk K or --dtype int8 logits")
 
 
 def _check_finite(logits: torch.Tensor, first_row: int) -> None:
@@ -267,7 +321,7 @@ def _probe(teacher, source, activations, device) -> dict:
 
 def _check_resumable(store, attrs: dict, splits) -> None:
     old = store.get_attrs()
-    for key in ("teacher", "splits", "dtype", "activations", "views", "augment"):
+    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment"):
         if old.get(key) != attrs[key]:
             raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "
                                f"({old.get(key)} vs {attrs[key]}); pass --overwrite to start over")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache import store as stores
-from kdcache.targets import decode
+from kdcache.encodings import LogitCodec, from_storage
+from kdcache.writer import rows_written
 
 
 def describe_store(path: str) -> dict:
@@ -27,27 +28,30 @@ def describe_store(path: str) -> dict:
                                 "stored_bytes": store.stored_bytes(f"{split}/{name}"),
                                 "form": attrs.get("activations", {}).get(name.removeprefix("activations/"), {}).get("form")}
             entry = {"dataset": split_attrs.get("dataset"), "complete": bool(split_attrs.get("complete")),
-                     "rows_written": split_attrs.get("rows_written"), "views": split_attrs.get("views", 1),
+                     "rows_written": rows_written(store, split) if "block_rows" in split_attrs else 0, "views": split_attrs.get("views", 1),
                      "view_transform": split_attrs.get("view_transform"), "arrays": arrays,
+                     "block_rows": split_attrs.get("block_rows"), "layout": split_attrs.get("layout"),
                      "bytes_per_sample": sum(a["bytes_per_sample"] for a in arrays.values()),
                      "stored_bytes": sum(a["stored_bytes"] for a in arrays.values())}
             if entry["complete"] and store.has_array(f"{split}/logits"):
-                entry["teacher_top1"] = _teacher_top1(store, split, attrs.get("encoding"))
+                entry["teacher_top1"] = _teacher_top1(store, split, LogitCodec.from_attrs(attrs))
             report["splits"][split] = entry
     return report
 
 
-def _teacher_top1(store, split: str, encoding) -> float:
+def _teacher_top1(store, split: str, codec) -> float:
     """Top-1 of the cached logits over every view, one chunk of rows at a time: an ImageNet cache
     never has to fit in memory as float32 just to be inspected. A mixed view counts as the class
     of the sample with the larger weight."""
-    logits, labels = store.array(f"{split}/logits"), np.asarray(store.read(f"{split}/labels"))
+    arrays = {name: store.array(f"{split}/{name}") for name in codec.arrays()}
+    logits, labels = arrays["logits"], np.asarray(store.read(f"{split}/labels"))
     mixed = store.has_array(f"{split}/mix_partner")
     if mixed:
         partner, lam = np.asarray(store.read(f"{split}/mix_partner")), np.asarray(store.read(f"{split}/mix_lambda"))
     rows, correct = logits.chunks[0], 0
     for start in range(0, logits.shape[0], rows):
-        block = decode(logits[start : start + rows], encoding).argmax(-1).numpy()  # [rows, V]
+        decoded = codec.decode({k: from_storage(a[start : start + rows], str(a.dtype)) for k, a in arrays.items()})
+        block = (decoded.indices[..., 0] if codec.topk else decoded.argmax(-1)).numpy()  # [rows, V]
         truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
         if mixed:
             truth = np.where(lam[start : start + rows] >= 0.5, truth, labels[partner[start : start + rows]])

@@ -1,6 +1,6 @@
 """`kdcache verify`: is a store whole and sound? A list of problems, empty when it is.
 
-Checks completeness, every chunk against the checksum recorded when it was written (a flipped
+Checks completeness, every block (the unit of writing) against the checksum recorded when it was written (a flipped
 byte, a truncated or a deleted chunk file all show), non-finite values, the fingerprint, and that
 a sample of a view cache's views still replays to the inputs the teacher saw.
 """
@@ -38,31 +38,34 @@ def _verify_split(store, split: str, attrs: dict) -> list[str]:
     if split_attrs.get("rows_written") != n:
         problems.append(f"split '{split}': {split_attrs.get('rows_written')} of {n} rows written")
     checksums = split_attrs.get("checksums", {})
+    block = split_attrs.get("block_rows")
+    if block is None:
+        return problems + [f"split '{split}': no block size recorded (interrupted before its arrays were made?)"]
     for name in store.array_names(split):
         array = store.array(f"{split}/{name}")
         if array.shape[0] != n:
             problems.append(f"{split}/{name}: {array.shape[0]} rows, expected {n}")
-        problems += _verify_chunks(array, f"{split}/{name}", checksums.get(name))
+        problems += _verify_blocks(array, block, f"{split}/{name}", checksums.get(name))
     problems += _verify_data(store, split, dataset, attrs, split_attrs)
     return problems
 
 
-def _verify_chunks(array, label: str, recorded: list | None) -> list[str]:
+def _verify_blocks(array, rows: int, label: str, recorded: list | None) -> list[str]:
+    """Each block of `rows` rows against the checksum its writer recorded."""
     if recorded is None:
-        return [f"{label}: no chunk checksums recorded"]
-    rows = array.chunks[0]
+        return [f"{label}: no block checksums recorded"]
     problems = []
     for i, start in enumerate(range(0, array.shape[0], rows)):
         try:
             values = np.asarray(array[start : start + rows])
         except Exception as e:  # the backend's own checksum or decompression failed
-            problems.append(f"{label}: chunk {i} (rows {start}-{start + rows - 1}) is unreadable: {e}")
+            problems.append(f"{label}: block {i} (rows {start}-{start + rows - 1}) is unreadable: {e}")
             continue
         expected = recorded[i] if i < len(recorded) else None
         if expected is None:
-            problems.append(f"{label}: chunk {i} was never written")
+            problems.append(f"{label}: block {i} was never written")
         elif chunk_checksum(values) != expected:
-            problems.append(f"{label}: chunk {i} (rows {start}-{start + rows - 1}) does not match its checksum "
+            problems.append(f"{label}: block {i} (rows {start}-{start + rows - 1}) does not match its checksum "
                             "(changed, or missing and read as the fill value)")
         elif values.dtype.kind == "f" and not np.isfinite(values).all():
             bad = start + int(np.argwhere(~np.isfinite(values.reshape(len(values), -1)).all(1))[0][0])

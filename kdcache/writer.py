@@ -1,7 +1,10 @@
-"""The background writer: takes batches of rows in dataset order and writes whole chunks.
+"""The background writer: takes batches of rows and writes whole blocks, and records what is done.
 
 The teacher never waits on the disk: batches go into a bounded queue and one thread turns them
-into chunk-aligned writes, so no chunk is ever written by two writers or written in pieces.
+into block writes, so no block (zarr shard) is ever written by two writers or written in pieces.
+What is on disk is recorded per block, with a checksum of each array's block, in a progress
+record of its own per writer: ranks of a distributed dump never write the same metadata object,
+and a resumed dump (with any number of ranks) skips exactly the blocks that are whole.
 """
 from __future__ import annotations
 
@@ -14,64 +17,34 @@ import numpy as np
 from kdcache.errors import KDCacheError
 
 _DONE = object()
-
-
-class _ArrayBuffer:
-    """Rows of one array waiting to fill a chunk, flushed whole."""
-
-    def __init__(self, array, rows: int, start: int, checksums: list | None = None):
-        self.array, self.rows = array, rows
-        n_chunks = -(-array.shape[0] // rows)
-        self.checksums = list(checksums) if checksums else [None] * n_chunks  # crc32 of each chunk's values
-        self.buf = np.empty((rows,) + tuple(array.shape[1:]), dtype=array.dtype)
-        self.start = start  # first row of the chunk being filled (always chunk-aligned)
-        self.fill = 0
-
-    def add(self, values: np.ndarray) -> None:
-        offset = 0
-        while offset < len(values):
-            take = min(self.rows - self.fill, len(values) - offset)
-            self.buf[self.fill : self.fill + take] = values[offset : offset + take]
-            self.fill += take
-            offset += take
-            if self.fill == self.rows:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.fill:
-            values = self.buf[: self.fill]
-            self.array[self.start : self.start + self.fill] = values
-            self.checksums[self.start // self.rows] = chunk_checksum(values)
-            self.start += self.fill
-            self.fill = 0
+PROGRESS = "progress"  # STORE/<split>/progress/<first>-<stop>: one writer's record, merged away at the end
 
 
 def chunk_checksum(values: np.ndarray) -> int:
-    """crc32 of a chunk's values as stored (dtype, C order): recorded at write, checked by verify."""
+    """crc32 of a block's values as stored (dtype, C order): recorded at write, checked by verify."""
     return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
 
 
-class ChunkWriter:
-    """Writes `{name: rows}` batches of one split; call `put` in row order, then `close`.
+class BlockWriter:
+    """Writes `{path: rows}` batches of one split into whole blocks; `put` the rows of `blocks`, in
+    that order, then `close`.
 
-    `arrays` maps array path -> (array, rows per chunk). Writing starts at `start_row`, which
-    must be a chunk boundary of every array. `on_progress(rows, checksums)` is called from the
-    writer thread with the number of leading rows safely on disk in every array, and each array's
-    list of chunk checksums (None for chunks not written yet); `checksums` seeds those lists.
+    `arrays` maps array path -> array (all with the split's N rows); a block is rows
+    [k * block_rows, (k + 1) * block_rows) of every array. `on_block(k, {path: crc32})` is called
+    from the writer thread once block k of every array is on disk.
     """
 
-    def __init__(self, arrays: dict, *, start_row: int = 0, max_pending: int = 8, on_progress=None,
-                 checksums: dict | None = None):
-        for name, (array, rows) in arrays.items():
-            assert start_row % rows == 0 or start_row == array.shape[0], (name, start_row, rows)
-        checksums = checksums or {}
-        self._buffers = {name: _ArrayBuffer(a, rows, start_row, checksums.get(name))
-                         for name, (a, rows) in arrays.items()}
+    def __init__(self, arrays: dict, *, block_rows: int, blocks, max_pending: int = 8, on_block=None):
+        self._arrays = arrays
+        self._n = next(iter(arrays.values())).shape[0]
+        self._block_rows = block_rows
+        self._blocks = list(blocks)
+        self._buffers = {p: np.empty((block_rows,) + tuple(a.shape[1:]), dtype=a.dtype) for p, a in arrays.items()}
+        self._next = 0  # position in self._blocks of the block being filled
+        self._fill = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)  # bounds host memory held by pending batches
         self._error: BaseException | None = None
-        self._on_progress = on_progress
-        self._reported = start_row
-        self._flush_tail = True
+        self._on_block = on_block
         self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
         self._thread.start()
 
@@ -83,16 +56,16 @@ class ChunkWriter:
         self._queue.put((rows, ready))
 
     def close(self) -> None:
-        """Write what is queued and the last (short) chunk of each array; raise any write error."""
+        """Write what is queued; raise any write error."""
         self._queue.put(_DONE)
         self._thread.join()
         if self._error is not None:
             self._raise()
+        assert self._next == len(self._blocks), f"rows for {len(self._blocks) - self._next} blocks never came"
 
     def abort(self) -> None:
-        """After a failure upstream: write the whole chunks already queued, never a partial one,
-        so a resumed dump restarts from a chunk boundary."""
-        self._flush_tail = False
+        """After a failure upstream: write the whole blocks already queued; a partly filled block is
+        dropped, and a resumed dump writes it again."""
         self._queue.put(_DONE)
         self._thread.join()
 
@@ -103,6 +76,36 @@ class ChunkWriter:
                 "disk full while writing the cache; free space and rerun with --resume to finish it"
             ) from error
         raise error
+
+    def _block_span(self) -> tuple[int, int]:
+        start = self._blocks[self._next] * self._block_rows
+        return start, min(start + self._block_rows, self._n)
+
+    def _add(self, rows: dict) -> None:
+        count = len(next(iter(rows.values())))
+        offset = 0
+        while offset < count:
+            assert self._next < len(self._blocks), "more rows than the blocks to write"
+            start, stop = self._block_span()
+            take = min(stop - start - self._fill, count - offset)
+            for path, values in rows.items():
+                self._buffers[path][self._fill : self._fill + take] = values[offset : offset + take]
+            self._fill += take
+            offset += take
+            if self._fill == stop - start:
+                self._write_block(start, stop)
+
+    def _write_block(self, start: int, stop: int) -> None:
+        sums = {}
+        for path, array in self._arrays.items():
+            values = self._buffers[path][: stop - start]
+            array[start:stop] = values
+            sums[path] = chunk_checksum(values)
+        block = self._blocks[self._next]
+        self._next += 1
+        self._fill = 0
+        if self._on_block is not None:
+            self._on_block(block, sums)
 
     def _run(self) -> None:
         done = False
@@ -115,22 +118,79 @@ class ChunkWriter:
                 rows, ready = item
                 if ready is not None:
                     ready.synchronize()
-                for name, values in rows.items():
-                    if hasattr(values, "numpy"):
-                        values = values.numpy()
-                    self._buffers[name].add(values)
-                self._report()
-            if self._flush_tail:
-                for buffer in self._buffers.values():
-                    buffer.flush()
-                self._report()
+                self._add({p: v.numpy() if hasattr(v, "numpy") else v for p, v in rows.items()})
         except BaseException as e:  # surfaced in the main thread on its next put or close
             self._error = e
             while not done:  # keep draining so the producer never blocks forever
                 done = self._queue.get() is _DONE
 
-    def _report(self):
-        done = min(b.start for b in self._buffers.values())
-        if self._on_progress is not None and done != self._reported:  # attrs writes are not free: only on change
-            self._reported = done
-            self._on_progress(done, {name: b.checksums for name, b in self._buffers.items()})
+
+# --- progress records: which blocks are whole, with their checksums --------------------------
+
+class ProgressRecord:
+    """One writer's record of blocks [first, stop) of a split, kept in its own group's attrs.
+
+    `checksums` {array (relative to the split): [crc32 or None per block]} is rewritten whole, in
+    one metadata write, after every block: a kill leaves the record of the last whole block.
+    """
+
+    def __init__(self, store, split: str, first: int, stop: int, known: dict):
+        self.store, self.split, self.first, self.stop = store, split, first, stop
+        self.group = f"{split}/{PROGRESS}/{first}-{stop}"
+        self.checksums = {name: sums[first:stop] for name, sums in known.items()}
+        self._lock = threading.Lock()
+
+    def record(self, block: int, sums: dict) -> None:
+        with self._lock:
+            for path, crc in sums.items():
+                self.checksums[path.removeprefix(self.split + "/")][block - self.first] = crc
+            self.store.update_attrs({"first": self.first, "stop": self.stop, "checksums": self.checksums},
+                                    group=self.group)
+
+
+def read_progress(store, split: str, arrays, n_blocks: int) -> dict:
+    """{array: [crc32 or None per block]}: the union of every writer's record of `split` (and of the
+    split's merged checksums), over `arrays` (names relative to the split)."""
+    merged = {name: [None] * n_blocks for name in arrays}
+    sources = [(0, store.get_attrs(split).get("checksums", {}))]
+    root = f"{split}/{PROGRESS}"
+    if PROGRESS in store.group_names(split):
+        for name in store.group_names(root):
+            attrs = store.get_attrs(f"{root}/{name}")
+            if "first" in attrs:
+                sources.append((attrs["first"], attrs["checksums"]))
+    for first, sums in sources:
+        for name, values in sums.items():
+            if name in merged:
+                for i, crc in enumerate(values):
+                    if crc is not None and first + i < n_blocks:
+                        merged[name][first + i] = crc
+    return merged
+
+
+def blocks_done(checksums: dict, n_blocks: int) -> set[int]:
+    """Blocks whole in every array."""
+    return {b for b in range(n_blocks) if all(sums[b] is not None for sums in checksums.values())}
+
+
+def finish_split(store, split: str, checksums: dict, rows: int) -> None:
+    """Merge the writers' records into the split's attrs, mark it complete, drop the records."""
+    sums = dict(store.get_attrs(split).get("checksums", {}), **checksums)
+    store.update_attrs({"checksums": sums, "rows_written": rows, "complete": True}, group=split)
+    if PROGRESS in store.group_names(split):
+        store.remove_group(f"{split}/{PROGRESS}")
+
+
+def rows_written(store, split: str) -> int:
+    """Leading rows of `split` whole in every array, for reports on partial stores."""
+    attrs = store.get_attrs(split)
+    if attrs.get("complete"):
+        return attrs.get("rows_written", 0)
+    n, block_rows = attrs["dataset"]["length"], attrs["block_rows"]
+    n_blocks = -(-n // block_rows)
+    names = [a for a in store.array_names(split) if a != "labels"]
+    done = blocks_done(read_progress(store, split, names, n_blocks), n_blocks)
+    k = 0
+    while k in done:
+        k += 1
+    return min(k * block_rows, n)

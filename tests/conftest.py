@@ -1,10 +1,13 @@
-"""Shared fixtures: a digits teacher trained by kdcache itself (seconds), and caches made from it."""
+"""Shared fixtures: a digits teacher trained by kdcache itself (seconds), caches made from it, an S3 server."""
 import os
 
 import pytest
 import torch
+from s3server import s3_fixture
 
 torch.set_num_threads(2)  # the CI machine has 2 cores; more threads only contend
+
+s3_server = s3_fixture()  # a moto S3 server on loopback with IAM enforced, started on first use, once per session
 
 
 @pytest.fixture(scope="session")

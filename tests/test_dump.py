@@ -10,6 +10,7 @@ from kdcache import store as stores
 from kdcache.data import load_split
 from kdcache.errors import KDCacheError
 from kdcache.models import build_teacher
+from kdcache.writer import rows_written
 from helpers.crashing import Exploding
 
 
@@ -71,7 +72,7 @@ def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_stor
     with pytest.raises(KDCacheError, match="incomplete"):
         open_cache(out)
     with stores.open_store(out + ".partial") as s:
-        done = s.get_attrs("train")["rows_written"]
+        done = rows_written(s, "train")
     assert 0 < done <= 1000 and done % 64 == 0
 
     with pytest.raises(KDCacheError, match="--resume"):  # a fresh start would throw the work away
@@ -129,11 +130,13 @@ def test_store_size_estimate_bounds_what_is_written(teacher_ckpt, tmp_path):
     from kdcache.dump import estimate_bytes, resolve_device
     from kdcache.hooks import parse_activation
     from kdcache.config import DumpConfig
+    from kdcache.encodings import LogitCodec
 
     cfg = DumpConfig(teacher=teacher_ckpt, out=str(tmp_path / "c.zarr"), activations=["layer1"])
     teacher, _ = build_teacher(teacher_ckpt, num_classes=10)
     splits = [load_split("digits", s) for s in cfg.splits]
-    need = estimate_bytes(teacher, splits, [parse_activation("layer1")], cfg, resolve_device("cpu"))
+    codec = LogitCodec(cfg.dtype, None, 10)
+    need = estimate_bytes(teacher, splits, [parse_activation("layer1")], codec, cfg, resolve_device("cpu"))
     out = dump_teacher(cfg)
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     assert (2 * 1797 * 10 + 8 * 1797) < need and on_disk < need

@@ -12,6 +12,7 @@ from kdcache import dump_teacher, open_cache
 from kdcache import store as stores
 from kdcache.errors import KDCacheError
 from kdcache.verify import verify_store
+from kdcache.writer import rows_written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(dtype="float32", chunk_bytes=32 * 40, batch_size=40)  # 32-row logit chunks: many chunks to lose
@@ -37,7 +38,7 @@ def test_dump_killed_at_random_points_resumes_to_the_uninterrupted_store(teacher
         assert os.path.exists(out + ".lock")  # left behind by the dead process, taken over next time
         with stores.open_store(out + ".partial") as s:
             assert not s.get_attrs()["complete"]
-            assert s.get_attrs("train")["rows_written"] <= at
+            assert rows_written(s, "train") <= at
     run = dump_cli(args + ["--resume"])
     assert run.returncode == 0, run.stderr
     a, b = open_cache(out), open_cache(full)
@@ -49,19 +50,19 @@ def test_dump_killed_at_random_points_resumes_to_the_uninterrupted_store(teacher
 
 def test_disk_full_stops_with_a_clear_error_and_resume_completes(teacher_ckpt, tmp_path, monkeypatch):
     full = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "full.h5"), **SMALL)
-    real_flush, flushes = writer_mod._ArrayBuffer.flush, []
+    real_write, writes = writer_mod.BlockWriter._write_block, []
 
-    def flush_until_full(self):
-        flushes.append(1)
-        if len(flushes) > 10:
+    def write_until_full(self, start, stop):
+        writes.append(1)
+        if len(writes) > 10:
             raise OSError(28, "No space left on device")
-        real_flush(self)
+        real_write(self, start, stop)
 
     out = str(tmp_path / "c.h5")
-    monkeypatch.setattr(writer_mod._ArrayBuffer, "flush", flush_until_full)
+    monkeypatch.setattr(writer_mod.BlockWriter, "_write_block", write_until_full)
     with pytest.raises(KDCacheError, match="disk full.*--resume"):
         dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, **SMALL)
-    monkeypatch.setattr(writer_mod._ArrayBuffer, "flush", real_flush)  # space freed
+    monkeypatch.setattr(writer_mod.BlockWriter, "_write_block", real_write)  # space freed
     dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, resume=True, **SMALL)
     torch.testing.assert_close(open_cache(out)["train"].logits, open_cache(full)["train"].logits, rtol=0, atol=0)
     assert verify_store(out) == []
@@ -112,20 +113,20 @@ def test_flipped_byte_is_detected(store_copy):
     data[len(data) // 2] ^= 0x01
     open(f, "wb").write(bytes(data))
     problems = verify_store(store_copy)
-    assert len(problems) == 1 and "train/logits: chunk 0" in problems[0]
+    assert len(problems) == 1 and "train/logits: block 0" in problems[0]
 
 
 def test_truncated_chunk_is_detected(store_copy):
     f = chunk_file(store_copy)
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 3])
-    assert any("train/logits: chunk 0" in p for p in verify_store(store_copy))
+    assert any("train/logits: block 0" in p for p in verify_store(store_copy))
 
 
 def test_deleted_chunk_is_detected_not_read_as_fill(store_copy):
     os.remove(chunk_file(store_copy, "test/logits"))
     problems = verify_store(store_copy)
-    assert any("test/logits: chunk 0" in p and "fill" in p for p in problems)
+    assert any("test/logits: block 0" in p and "fill" in p for p in problems)
 
 
 def test_flipped_byte_in_hdf5_is_detected(teacher_ckpt, tmp_path):
@@ -139,7 +140,7 @@ def test_flipped_byte_in_hdf5_is_detected(teacher_ckpt, tmp_path):
         byte = f.read(1)
         f.seek(offset + 10)
         f.write(bytes([byte[0] ^ 0x01]))
-    assert any("test/logits: chunk 0" in p for p in verify_store(out))
+    assert any("test/logits: block 0" in p for p in verify_store(out))
 
 
 def test_verify_cli_exits_non_zero_on_a_problem(store_copy, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB uncompressed chunks: big enough for fast sequential reads, small enough to rewrite on resume
+BLOCK_BYTES = 64 << 20  # cap on one array's share of a block: the writer holds a block of every array in memory
 
 # Storage dtypes. Neither zarr v3 nor HDF5 knows bfloat16, so it is kept bit for bit in a uint16
 # array and the store's attrs say so (`encoding`).
@@ -31,6 +32,26 @@ def chunk_rows(row_bytes: int, n_rows: int, target: int | None = None) -> int:
     return max(1, min(rows, n_rows))
 
 
+def plan_blocks(row_bytes: dict, n_rows: int, chunk_target: int | None = None,
+                block_target: int | None = None, anchor: str = "logits") -> tuple[int, dict]:
+    """(rows per block, {array: rows per chunk}) for the arrays of one split.
+
+    A block is the unit of writing, of resuming, of a rank's share of a distributed dump and of
+    streamed reads: every array's rows [k * block, (k + 1) * block) are written whole, at once, by
+    one writer. A chunk is the unit of reading, about `chunk_target` bytes. The block is the
+    `anchor` array's chunk (the logits': what every student reads), capped so that no array's
+    block exceeds `block_target` bytes. Arrays with smaller rows (view seeds, top-k indices) are
+    chunked like the block; arrays with larger rows (feature maps) get 1 MiB chunks inside zarr
+    shards of one block (the "sharding where it helps": a 32 KiB-row feature map has 32-row chunks
+    in 512-row shards, written in 16 MiB pieces, read in 1 MiB ones).
+    Powers of two throughout, so every chunk boundary is a block boundary's divisor.
+    """
+    chunks = {name: chunk_rows(b, n_rows, chunk_target) for name, b in row_bytes.items()}
+    cap = chunk_rows(max(row_bytes.values()), n_rows, block_target or BLOCK_BYTES)
+    block = max(1, min(chunks.get(anchor, max(chunks.values())), cap))
+    return block, {name: min(rows, block) for name, rows in chunks.items()}
+
+
 class Store:
     """Base class: arrays addressed by '/'-separated paths, attrs as plain JSON data.
 
@@ -39,14 +60,15 @@ class Store:
     """
 
     suffixes: tuple[str, ...] = ()
-    supports_partial_chunk_writes = True
+    supports_concurrent_writers = True  # processes writing disjoint blocks at once (a distributed dump)
 
     def __init__(self, path: str, *, read_only: bool):
         self.path = str(path)
         self.read_only = read_only
 
     # --- to implement --------------------------------------------------------------------
-    def create_array(self, name: str, *, shape: tuple, dtype: str, chunks: tuple):
+    def create_array(self, name: str, *, shape: tuple, dtype: str, chunks: tuple, shards: tuple | None = None):
+        """A new array. `shards` (zarr): chunks grouped into one object each, written whole."""
         raise NotImplementedError
 
     def array(self, name: str):
@@ -60,14 +82,21 @@ class Store:
         """Every array under `group`, as paths relative to it (`activations/layer3`)."""
         raise NotImplementedError
 
-    def group_names(self) -> list[str]:
-        """Top-level groups: the splits."""
+    def group_names(self, group: str = "") -> list[str]:
+        """Groups directly under `group`: the splits at the top level."""
+        raise NotImplementedError
+
+    def remove_group(self, name: str) -> None:
         raise NotImplementedError
 
     def get_attrs(self, group: str = "") -> dict:
         raise NotImplementedError
 
     def update_attrs(self, attrs: dict, group: str = "") -> None:
+        raise NotImplementedError
+
+    def layout(self, name: str) -> dict:
+        """How the array sits on disk (chunks, shards, compressor), for the store's attrs."""
         raise NotImplementedError
 
     def stored_bytes(self, name: str) -> int:

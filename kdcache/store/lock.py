@@ -2,6 +2,12 @@
 
 A lock whose process is gone (killed, crashed) on this host is taken over; one held by a live
 process makes the second writer fail at once with a message naming the holder.
+
+A store at a URL takes no lock: one writer per remote store is the user's job. An object store
+has no portable atomic create-if-absent (S3's conditional PUT is recent and missing from many
+S3-compatible servers; other fsspec protocols differ again), and a lock left by a killed writer on
+another host could never be proven stale, so every interrupted dump would need a manual delete
+before --resume: a lock that would cost more than the mistake it prevents.
 """
 from __future__ import annotations
 
@@ -26,10 +32,14 @@ class StoreLock:
     """`with StoreLock(path):` holds `path + '.lock'` for the duration."""
 
     def __init__(self, path: str):
-        self.path = str(path).rstrip("/") + ".lock"
+        from kdcache.store.remote import is_url
+
+        self.path = None if is_url(path) else str(path).rstrip("/") + ".lock"  # URLs: no lock, see above
         self.held = False
 
     def acquire(self) -> None:
+        if self.path is None:
+            return
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # --out may name a new folder
         for _ in range(2):  # second try after taking over a stale lock

@@ -1,0 +1,273 @@
+"""`kdcache convert`: re-encode a finished cache (another logit encoding, another backend) without the teacher.
+
+SRC is read a block at a time and DST written as a dump writes it: at DST.partial, in whole blocks
+with progress records (so `resume` skips what is on disk), `complete` last, then renamed into place.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from kdcache import store as stores
+from kdcache import writer
+from kdcache.dump import activation_dtype, encode
+from kdcache.encodings import LogitCodec, from_storage, to_storage
+from kdcache.errors import KDCacheError
+
+__all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
+
+DENSE = 0  # topk=0 asks for dense logits (topk=None keeps SRC's)
+MAX_PENDING = 2  # pieces queued for the writer: reading SRC is the slow side, two overlap it with the writes
+# split attrs that describe how DST itself is laid out and written: made anew, never copied from SRC
+_WRITTEN_ATTRS = ("layout", "checksums", "block_rows", "rows_written", "complete")
+
+
+def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | None = None, overwrite: bool = False,
+                  resume: bool = False, chunk_bytes: int | None = None) -> str:
+    """Write the complete store `src` again at `dst` with logits in `dtype` / top-`topk` (None: SRC's;
+    topk=0: dense); return `dst`. Zarr or HDF5 by `dst`'s suffix.
+
+    Labels, view records (view_seeds, mix_partner, ...) and activations are copied as stored;
+    activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 logits
+    keep float16 activations). `chunk_bytes` (default: SRC's dump setting) sizes DST's chunks.
+    Whatever would need logits SRC never stored (top-k -> dense, or to a larger K) is refused.
+    """
+    src, dst = str(src).rstrip("/"), str(dst).rstrip("/")
+    stores.backend_for(dst)  # an unknown suffix fails before any work
+    if overwrite and resume:
+        raise KDCacheError("--resume finishes an interrupted convert and --overwrite starts over; pass one of them")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise KDCacheError(f"convert writes a new store: DST '{dst}' is SRC itself; choose another DST path")
+    with stores.open_store(src) as source:
+        stores.check_complete(source)
+        attrs = source.get_attrs()
+        old = LogitCodec.from_attrs(attrs)
+        new = target_codec(old, dtype, topk, src=src)
+        with stores.StoreLock(dst):  # one writer per store, as for a dump
+            action = _action(dst, overwrite, resume)
+            if action == "done":
+                print(f"{dst} is already complete; nothing to resume")
+                return dst
+            chunk_bytes = chunk_bytes or (attrs.get("config") or {}).get("chunk_bytes") or stores.CHUNK_BYTES
+            _convert(source, src, attrs, old, new, dst, action, chunk_bytes)
+    return dst
+
+
+def target_codec(old: LogitCodec, dtype: str | None, topk: int | None, *, src: str = "SRC") -> LogitCodec:
+    """DST's codec from SRC's and the options; refuses, naming the fix, what SRC cannot give."""
+    dtype = dtype or old.dtype
+    if topk is None:  # keep SRC's K, unless int8 (dense only) is asked for
+        topk = None if dtype == "int8" else old.topk
+    elif topk == DENSE:
+        topk = None
+    new = LogitCodec(dtype, topk, old.num_classes).validate()
+    if old.topk is not None and old.topk < old.num_classes and (new.topk is None or new.topk > old.topk):
+        want = f"the top {new.topk}" if new.topk is not None else f"dense {'int8 ' if dtype == 'int8' else ''}logits"
+        again = f"with --topk {new.topk}" if new.topk is not None else "without --topk"
+        raise KDCacheError(f"'{src}' keeps only the top {old.topk} of {old.num_classes} logits per view, so it cannot "
+                           f"give {want}: the tail classes' logits were never stored; dump the teacher again {again}")
+    return new
+
+
+def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One piece of rows of SRC's logit arrays {name: [R, V, ...] as stored} -> DST's, as stored.
+
+    The same codec copies the arrays bit for bit (int8 decoded and quantized again could move);
+    top-K -> top-K' (K' <= K) keeps the first K' of the sorted values and indices and the same
+    logsumexp, exactly; everything else is decoded to float32 and encoded by `new`, as a dump would.
+    """
+    if old == new:
+        return arrays
+    if old.topk is not None and new.topk is not None and old.dtype == new.dtype:
+        k = new.topk
+        return {"logits": arrays["logits"][..., :k], "topk_indices": arrays["topk_indices"][..., :k],
+                "logsumexp": arrays["logsumexp"]}
+    decoded = old.decode({name: from_storage(arrays[name], dt) for name, (_, dt) in old.arrays().items()})
+    if old.topk is not None and new.topk is not None:  # another value dtype: round the first K' values
+        k = new.topk
+        return {"logits": to_storage(encode(decoded.values[..., :k], new.dtype), new.arrays()["logits"][1]),
+                "topk_indices": arrays["topk_indices"][..., :k], "logsumexp": arrays["logsumexp"]}
+    if old.topk is not None:  # K == C (target_codec refuses K < C): every logit is there, in top-K order
+        decoded = decoded.dense()
+    return {name: to_storage(t, new.arrays()[name][1]) for name, t in new.encode(decoded).items()}
+
+
+def _action(dst: str, overwrite: bool, resume: bool) -> str:
+    """create, resume or done; or the user error that stops the convert."""
+    partial = stores.partial_path(dst)
+    if os.path.exists(dst) and not (overwrite or resume):
+        raise KDCacheError(f"output '{dst}' already exists; pass --overwrite to replace it or choose another DST")
+    if os.path.exists(partial) and not (overwrite or resume):
+        raise KDCacheError(f"an interrupted convert exists at '{partial}'; pass --resume to finish it or --overwrite "
+                           "to start over")
+    if resume and not os.path.exists(partial):
+        if os.path.exists(dst):
+            return "done"
+        raise KDCacheError(f"nothing to resume: neither '{partial}' nor '{dst}' exists; run without --resume")
+    return "resume" if resume else "create"
+
+
+def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
+             chunk_bytes: int) -> None:
+    from kdcache import __version__
+
+    partial = stores.partial_path(dst)
+    act_from = attrs.get("activation_dtype") or activation_dtype(old.dtype)
+    root_attrs = dict(
+        attrs,
+        kdcache_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        complete=False,
+        **new.attrs(),  # dtype, topk, encoding: how DST's logits are stored
+        activation_dtype=activation_dtype(new.dtype) if new.dtype != old.dtype else act_from,
+        converted_from={"path": os.path.abspath(src), "dtype": old.dtype, "topk": old.topk,
+                        "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
+                        **({"converted_from": attrs["converted_from"]} if "converted_from" in attrs else {})},
+    )
+    splits = {split: _split_specs(source, split, old, new, root_attrs["activation_dtype"]) for split in attrs["splits"]}
+    if action == "resume":
+        out = stores.backend_for(partial)(partial, read_only=False)
+        _check_resumable(out, root_attrs)
+    else:
+        _check_free_space(dst, source, splits)
+        out = stores.create_store(partial)
+        out.update_attrs(root_attrs)
+    try:
+        for split, specs in splits.items():
+            _prepare_split(source, out, split, specs, chunk_bytes)
+            _convert_split(source, out, split, specs, old, new, act_from, root_attrs["activation_dtype"])
+        out.update_attrs({"complete": True})  # written last: only now does DST read as complete
+    finally:
+        out.close()
+    if os.path.exists(dst):  # --overwrite: the old store goes only once the new one is complete
+        stores.remove_store(dst)
+    os.replace(partial, dst)
+
+
+def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype: str) -> dict:
+    """{array relative to the split: (shape, storage dtype)} of DST's split, labels aside."""
+    n, views = source.array(f"{split}/logits").shape[:2]
+    specs = {name: ((n, views) + tail, dt) for name, (tail, dt) in new.arrays().items()}
+    for name in source.array_names(split):
+        if name in old.arrays() or name == "labels":
+            continue
+        a = source.array(f"{split}/{name}")
+        dt = stores.STORAGE_DTYPES[act_dtype][0] if name.startswith("activations/") else str(np.dtype(a.dtype))
+        specs[name] = (tuple(a.shape), dt)
+    return specs
+
+
+def _prepare_split(source, out, split: str, specs: dict, chunk_bytes: int) -> None:
+    """DST's arrays, labels and attrs of a split, blocks planned for DST's row sizes."""
+    labels = np.asarray(source.read(f"{split}/labels"))  # [N] int64: 8 bytes a sample, fine in memory
+    kept = {k: v for k, v in source.get_attrs(split).items() if k not in _WRITTEN_ATTRS}
+    stores.create_split(out, split, specs, labels, chunk_bytes, kept)
+
+
+def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str, act_to: str) -> None:
+    """DST's blocks of one split that are not on disk yet, then the split's completion."""
+    attrs = out.get_attrs(split)
+    if attrs.get("complete"):
+        return
+    block, n = attrs["block_rows"], specs["logits"][0][0]
+    n_blocks = -(-n // block)
+    known = writer.read_progress(out, split, specs, n_blocks)
+    done = writer.blocks_done(known, n_blocks)
+    todo = [b for b in range(n_blocks) if b not in done]
+    if todo:
+        record = writer.ProgressRecord(out, split, 0, n_blocks, known)
+        arrays = {f"{split}/{key}": out.array(f"{split}/{key}") for key in specs}
+        w = writer.BlockWriter(arrays, block_rows=block, blocks=todo, max_pending=MAX_PENDING, on_block=record.record)
+        try:
+            for rows in _read_rows(source, split, _spans(todo, block, n)):
+                rows.update(convert_logits(old, new, {k: rows.pop(k) for k in old.arrays()}))
+                if act_from != act_to:
+                    rows.update({k: _cast_activation(v, act_from, act_to) for k, v in rows.items()
+                                 if k.startswith("activations/")})
+                w.put({f"{split}/{k}": v for k, v in rows.items()})
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+    known = writer.read_progress(out, split, specs, n_blocks)
+    missing = n_blocks - len(writer.blocks_done(known, n_blocks))
+    assert missing == 0, f"{missing} blocks of {split} were not written"
+    writer.finish_split(out, split, known, n)
+
+
+def _spans(blocks: list[int], block: int, n: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) covering `blocks` (sorted), neighbours merged."""
+    spans: list[tuple[int, int]] = []
+    for b in blocks:
+        start, stop = b * block, min((b + 1) * block, n)
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], stop)
+        else:
+            spans.append((start, stop))
+    return spans
+
+
+def _read_rows(source, split: str, spans):
+    """Yield {array: rows as stored} for the rows of `spans`, in order, in pieces within one SRC block.
+
+    SRC is read in whole blocks (its unit of writing, each checked against the checksum its writer
+    recorded: a missing chunk reads as zeros, silently, and would be converted as data), one block
+    in memory at a time however large the store.
+    """
+    attrs = source.get_attrs(split)
+    block, checksums = attrs["block_rows"], attrs["checksums"]
+    names = [name for name in source.array_names(split) if name != "labels"]
+    arrays = {name: source.array(f"{split}/{name}") for name in names}
+    n = arrays[names[0]].shape[0]
+    current, values = None, {}
+    for start, stop in spans:
+        row = start
+        while row < stop:
+            b = row // block
+            if b != current:
+                current, values = b, _read_block(arrays, checksums, b, block, n, source.path, split)
+            end = min(stop, (b + 1) * block)
+            yield {name: v[row - b * block : end - b * block] for name, v in values.items()}
+            row = end
+
+
+def _read_block(arrays: dict, checksums: dict, b: int, block: int, n: int, path: str, split: str) -> dict:
+    start, stop = b * block, min((b + 1) * block, n)
+    values = {}
+    for name, array in arrays.items():
+        values[name] = np.asarray(array[start:stop])
+        recorded = checksums.get(name, [None] * (b + 1))[b]
+        if recorded is not None and writer.chunk_checksum(values[name]) != recorded:
+            raise KDCacheError(f"'{path}' {split}/{name} rows {start}-{stop - 1} do not match their recorded checksum; "
+                               f"run kdcache verify {path}, and dump the teacher again if it is damaged")
+    return values
+
+
+def _cast_activation(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.ndarray:
+    """Stored activations [R, ...] in `from_dtype` -> stored in `to_dtype` (bfloat16 as uint16 bits)."""
+    t = from_storage(values, stores.STORAGE_DTYPES[from_dtype][0])
+    if from_dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return to_storage(encode(t.float(), to_dtype), stores.STORAGE_DTYPES[to_dtype][0])
+
+
+def _check_resumable(out, root_attrs: dict) -> None:
+    old = out.get_attrs()
+    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activation_dtype", "converted_from"):
+        if old.get(key) != root_attrs[key]:
+            raise KDCacheError(f"cannot resume '{out.path}': its {key} differs from this convert's "
+                               f"({old.get(key)} vs {root_attrs[key]}); pass --overwrite to start over")
+
+
+def _check_free_space(dst: str, source, splits: dict) -> None:
+    """Refuse before writing a byte when DST cannot fit (uncompressed size: an upper bound)."""
+    need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for specs in splits.values() for shape, dt in specs.values())
+    need += sum(8 * source.array(f"{split}/labels").shape[0] for split in splits)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(dst))).free
+    if need > free:
+        raise KDCacheError(f"'{dst}' needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
+                           "there; free space, choose another DST, or convert to --topk K or --dtype int8 logits")
