@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdcache import augment, features, losses
+from kdcache import augment, distributed, features, losses
 from kdcache.config import TrainConfig, as_dict, resolve
 from kdcache.data import WithIndex, load_split
 from kdcache.dump import resolve_device
@@ -24,8 +24,9 @@ from kdcache.errors import KDCacheError, closest
 from kdcache.hooks import capture
 from kdcache.models import (build_teacher, count_parameters, create_model, load_checkpoint,
                             model_from_checkpoint, save_checkpoint)
+from kdcache.encodings import TopK
 from kdcache.schedules import Schedule
-from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
+from kdcache.targets import CachedTeacher, OnlineTeacher, StreamedSplit, choose_place, open_cache
 
 
 # --- the objective -------------------------------------------------------------------------
@@ -33,8 +34,14 @@ from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache
 KD_LOSSES = (*losses.LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD variant
 
 
-def logit_kd_loss(name: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, T: float):
-    """The `--loss` term between student and teacher logits [B, C]."""
+def logit_kd_loss(name: str, student: torch.Tensor, teacher, target: torch.Tensor, T: float,
+                  reconstruction: str = "sparse"):
+    """The `--loss` term between student logits [B, C] and the teacher's: logits [B, C], or a TopK
+    from a top-k cache (soft_target uses it as it is, the other losses its dense reconstruction)."""
+    if isinstance(teacher, TopK):
+        if name == "soft_target":
+            return losses.soft_target_topk(student, teacher, T, reconstruction=reconstruction)
+        teacher = teacher.dense()
     if name == "soft_target":
         return losses.soft_target(student, teacher, T)
     if name == "dkd":
@@ -54,7 +61,7 @@ def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: f
     task = F.cross_entropy(out, y)
     if teacher is None:
         return {"loss": task, "task_loss": task}
-    kd = logit_kd_loss(cfg.loss, out, teacher["logits"], y, cfg.temperature)
+    kd = logit_kd_loss(cfg.loss, out, teacher["logits"], y, cfg.temperature, cfg.topk_reconstruction)
     parts = {"loss": (1 - alpha) * task + alpha * kd, "task_loss": task, "kd_loss": kd}
     if feature_losses:
         parts["feature_loss"] = sum(feature_losses.values())
@@ -73,15 +80,24 @@ def lr_factor(kind: str, pos: float) -> float:
 
 def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
                     alpha_schedule: Schedule | None, device, feature_kd: features.FeatureKD | None = None,
-                    feature_schedule: Schedule | None = None) -> dict:
+                    feature_schedule: Schedule | None = None, dist: distributed.Dist = distributed.Dist()) -> dict:
     """One pass over `loader`; returns mean losses, the last alpha (and feature weight) and LR,
-    and per-step losses. With `feature_kd`, its student layers are hooked for the epoch."""
+    and per-step losses. With `feature_kd`, its student layers are hooked for the epoch.
+
+    Under DDP (`model` wrapped, `dist.world_size` > 1) each rank's loss is scaled so that DDP's
+    mean of the ranks' gradients is the mean over the global batch (GlobalBatchSampler.loss_scale),
+    the adapters' gradients are averaged by hand (they are outside the wrapped model), and the
+    epoch's mean losses are summed over every rank."""
     model.train()
     sums: dict = {}
     step_losses = []
     alpha = weight = 0.0
-    with capture(model, feature_kd.student_layers if feature_kd is not None else []) as feats:
-        for x, y, row in loader:  # row: the view's row in the cache (the sample index without views)
+    seen = 0
+    sampler = loader.batch_sampler
+    scaled = dist.world_size > 1 and hasattr(sampler, "loss_scale")
+    module = getattr(model, "module", model)  # hooks address the student's own module names
+    with capture(module, feature_kd.student_layers if feature_kd is not None else []) as feats:
+        for i, (x, y, row) in enumerate(loader):  # row: the view's row in the cache (the sample index without views)
             pos = step / total_steps
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
@@ -95,15 +111,21 @@ def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step
                 matched = feature_kd(feats, targets["activations"])
             parts = objective(out, y, targets, alpha, cfg, matched, weight)
             optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
+            (parts["loss"] * sampler.loss_scale(i) if scaled else parts["loss"]).backward()
+            if feature_kd is not None and dist.world_size > 1:
+                distributed.average_gradients(feature_kd)
             optimizer.step()
             step += 1
             values = {k: v.detach() for k, v in parts.items()}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v * len(y)
+            seen += len(y)
             step_losses.append(values["loss"])
-    n = len(loader.dataset)
-    stats = {k: float(v) / n for k, v in sums.items()}  # one device sync per epoch, not per step
+    names = sorted(sums)
+    totals = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+                                                     for k in names] + [torch.tensor(float(seen), dtype=torch.float64,
+                                                                                     device=device)]), dist)
+    stats = {k: float(v) / float(totals[-1]) for k, v in zip(names, totals[:-1])}  # one sync per epoch, not per step
     stats.update(alpha=alpha, lr=optimizer.param_groups[0]["lr"], step_losses=[float(v) for v in step_losses])
     if feature_kd is not None:
         stats["feature_weight"] = weight
@@ -132,11 +154,13 @@ def evaluate(model, loader, device, teacher_pred: torch.Tensor | None = None) ->
 
 # --- a whole run ---------------------------------------------------------------------------
 
-def _loader(dataset, cfg: TrainConfig, *, shuffle: bool, seed: int = 0, batch_size=None):
-    """Batches of (x, y, row) from `dataset` (WithIndex or augment.TrainViews)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size,
-                                       shuffle=shuffle, generator=generator, num_workers=cfg.num_workers)
+def _loader(dataset, cfg: TrainConfig, *, batch_size=None, sampler=None):
+    """Batches of (x, y, row) from `dataset` (WithIndex or augment.TrainViews): in `sampler`'s
+    order (training), or in dataset order (evaluation)."""
+    if sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=False,
+                                       num_workers=cfg.num_workers)
 
 
 def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.Optimizer:
@@ -147,61 +171,149 @@ def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.O
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(name: str, kind: str, cfg: TrainConfig, train_data, test_data, teacher, teacher_pred, device, folder: str,
-        pairs=(), views: augment.TrainViews | None = None) -> dict:
+class Setup:
+    """What every student of a run shares: data, the teacher (cached, online or none), the
+    teacher's test predictions, feature pairs, the student's views."""
+
+    def __init__(self, cfg: TrainConfig, device, dist: distributed.Dist):
+        self.cfg, self.device, self.dist = cfg, device, dist
+        self.train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
+        self.test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
+        self.teacher, self.teacher_pred, self.mode, self.pairs, self.cache = None, None, "plain", [], None
+        self.targets = None  # SplitTargets (memory, gpu) or StreamedSplit (stream)
+        if cfg.cache:
+            self._from_cache(cfg, device)
+        elif cfg.teacher:
+            model, info = build_teacher(cfg.teacher, num_classes=self.train_data.num_classes)
+            self.pairs = features.pairs_for_teacher(cfg.features, model)
+            self.teacher, self.mode = OnlineTeacher(model.to(device), features.teacher_forms(self.pairs)), "online_kd"
+            self.teacher_pred = _predict(model, _loader(WithIndex(self.test_data.dataset), cfg, batch_size=256), device)
+        # the student's inputs: a view cache's views (replay-checked here), its own augmentation, or the data as is
+        self.views = augment.training_views(cfg, self.train_data, self.cache)
+
+    def _from_cache(self, cfg: TrainConfig, device) -> None:
+        cache = self.cache = open_cache(cfg.cache, device=device)
+        if cfg.verify:
+            from kdcache.verify import verify_store
+
+            problems = verify_store(cfg.cache)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise KDCacheError(f"cache '{cfg.cache}' fails verification: {problems[0]}{more}; "
+                                   f"see kdcache verify {cfg.cache}, then dump it again")
+        cache.check_dataset(self.train_data)
+        if cache.num_classes != self.train_data.num_classes:
+            raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {self.train_data.num_classes}")
+        stored = cache.attrs.get("activations", {})  # {name: {form}}, as dump-teacher recorded them
+        self.pairs = features.pairs_from_cache(cfg.features, {n: a["form"] for n, a in stored.items()})
+        used = sorted({p.teacher for p in self.pairs})  # only these activations are loaded
+        need = cache.nbytes(cfg.train_split, used)
+        self.place = choose_place(cfg.targets_in, need, device)
+        self.targets = cache.targets(cfg.train_split, activations=used, place=self.place, buffer_blocks=cfg.buffer_blocks)
+        if self.dist.is_main:
+            print(f"teacher targets: {need / 2**20:,.1f} MiB, {self.place}"
+                  f"{' (auto)' if cfg.targets_in == 'auto' else ''}", flush=True)
+        self.teacher, self.mode = CachedTeacher(self.targets, used, device), "kd"
+        if cache.has_split(cfg.test_split):
+            cache.check_dataset(self.test_data)
+            # eval splits: one clean view; read a block at a time when the split is streamed
+            self.teacher_pred = cache.targets(cfg.test_split, activations=[], place="stream" if self.place == "stream"
+                                              else "memory").predictions()
+
+    def sampler(self, dataset):
+        """This rank's batches of each epoch: whole blocks in shuffled windows when the targets are
+        streamed (the images follow the same order), else one global permutation cut into global
+        batches, each rank taking its slice."""
+        cfg, d = self.cfg, self.dist
+        if isinstance(self.targets, StreamedSplit):
+            local = max(1, cfg.batch_size // d.world_size)
+            return self.targets.sampler(local, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        return distributed.GlobalBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                              world_size=d.world_size)
+
+
+def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
     """Train one student from scratch; write its metrics and checkpoint; return its summary row.
 
-    With feature `pairs` (and a teacher), adapters are built for this student and trained with it;
-    the checkpoint holds the student alone. With `views`, the student trains on those views of
-    `train_data` (replayed from a view cache, or its own augmentation), else on the data as it is.
+    With feature pairs (and a teacher), adapters are built for this student and trained with it;
+    the checkpoint holds the student alone. With views, the student trains on those views of the
+    training data (replayed from a view cache, or its own augmentation), else on the data as it
+    is. Under torchrun the student is wrapped in DistributedDataParallel; rank 0 alone evaluates
+    and writes.
     """
-    torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student
+    cfg, device, dist = setup.cfg, setup.device, setup.dist
+    train_data, test_data, views = setup.train_data, setup.test_data, setup.views
+    teacher = None if kind == "baseline" else setup.teacher
+    teacher_pred = setup.teacher_pred
+    torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student, and on every rank
     model = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
     feature_kd = feature_schedule = None
-    if teacher is not None and pairs:  # after the student, so its init is the same with or without adapters
-        feature_kd = features.build_feature_kd(pairs, model, teacher, features.probe_batch(train_data.dataset, device))
+    if teacher is not None and setup.pairs:  # after the student, so its init is the same with or without adapters
+        feature_kd = features.build_feature_kd(setup.pairs, model, teacher, features.probe_batch(train_data.dataset, device))
         feature_schedule = Schedule(cfg.feature_weight_schedule, cfg.feature_weight_start, cfg.feature_weight)
     optimizer = make_optimizer(cfg, model, feature_kd)
-    train_loader = _loader(views or WithIndex(train_data.dataset), cfg, shuffle=True, seed=cfg.seed)
-    test_loader = _loader(WithIndex(test_data.dataset), cfg, shuffle=False, batch_size=256)  # eval transform, one view
+    dataset = views or WithIndex(train_data.dataset)
+    sampler = setup.sampler(dataset)
+    if teacher is not None and isinstance(setup.targets, StreamedSplit):
+        teacher = CachedTeacher(setup.targets.stream(sampler), teacher.activations, device)  # follows this sampler
+    train_loader = _loader(dataset, cfg, sampler=sampler)
+    test_loader = _loader(WithIndex(test_data.dataset), cfg, batch_size=256)  # eval transform, one view
     total = cfg.epochs * len(train_loader)
     alpha_schedule = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha) if teacher is not None else None
+    trained = model
+    if dist.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    os.makedirs(folder, exist_ok=True)
-    run_config = dict(as_dict(cfg), student=name, kind=kind, views_used=views.describe() if views else None)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2)
+    run_config = dict(as_dict(cfg), student=name, kind=kind, views_used=views.describe() if views else None,
+                      world_size=dist.world_size)
+    if dist.is_main:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=2)
     started = time.perf_counter()
     history, first_epoch = [], 0
     state_path = os.path.join(folder, "last.pt")
     if cfg.resume and os.path.exists(state_path):
-        first_epoch, history, elapsed = load_training_state(state_path, model, optimizer, feature_kd, train_loader)
+        first_epoch, history, elapsed = load_training_state(state_path, model, optimizer, feature_kd)
         started -= elapsed
-        print(f"{name}: resuming after epoch {first_epoch}", flush=True)
+        if dist.is_main:
+            print(f"{name}: resuming after epoch {first_epoch}", flush=True)
     metrics_path = os.path.join(folder, "metrics.jsonl")
-    _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
-    with open(metrics_path, "a") as log:
+    if dist.is_main:
+        _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
+    metrics = {}
+    try:
         for epoch in range(first_epoch, cfg.epochs):
             if views is not None:
                 views.set_epoch(epoch)  # which view each sample trains on: a function of seed, epoch, sample
-            stats = train_one_epoch(model, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
+            sampler.set_epoch(epoch)  # the order: a function of seed and epoch, so resuming needs no RNG state
+            if hasattr(teacher, "targets") and hasattr(teacher.targets, "start_epoch"):
+                teacher.targets.start_epoch(epoch)  # streamed targets prefetch this epoch's blocks
+            stats = train_one_epoch(trained, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
                                     total_steps=total, alpha_schedule=alpha_schedule, device=device,
-                                    feature_kd=feature_kd, feature_schedule=feature_schedule)
+                                    feature_kd=feature_kd, feature_schedule=feature_schedule, dist=dist)
             history.extend(stats.pop("step_losses"))
-            metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
-                       "seconds": round(time.perf_counter() - started, 3)}
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd,
-                                train_loader)
+            if dist.is_main:
+                metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
+                           "seconds": round(time.perf_counter() - started, 3)}
+                with open(metrics_path, "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd)
+            distributed.barrier(dist)  # the others wait while rank 0 evaluates and saves
+    finally:
+        if hasattr(teacher, "targets") and hasattr(teacher.targets, "close"):
+            teacher.targets.close()
+    metrics = distributed.broadcast_object(metrics, dist)
     row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
            "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
            "seconds": metrics["seconds"], "folder": folder}
-    # the adapters are a training aid: the checkpoint is the student alone, a plain model
-    save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
-                    num_classes=train_data.num_classes, in_chans=train_data.in_chans,
-                    config=run_config, metrics=metrics)
-    os.remove(state_path)  # the finished checkpoint supersedes it
+    if dist.is_main:
+        # the adapters are a training aid: the checkpoint is the student alone, a plain model
+        save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
+                        num_classes=train_data.num_classes, in_chans=train_data.in_chans,
+                        config=run_config, metrics=metrics)
+        os.remove(state_path)  # the finished checkpoint supersedes it
+    distributed.barrier(dist)
     row["step_losses"] = history
     return row
 
@@ -218,26 +330,25 @@ def finished_row(name: str, kind: str, cfg: TrainConfig, checkpoint: str) -> dic
 
 # --- resumable training: the state after each epoch ------------------------------------------
 
-def save_training_state(path, epoch, history, seconds, model, optimizer, feature_kd, loader) -> None:
-    """Everything the next epoch depends on: weights, optimizer moments, adapters, the loader's
-    shuffling generator and torch's RNG. LR and alpha are pure functions of the step: no state."""
+def save_training_state(path, epoch, history, seconds, model, optimizer, feature_kd) -> None:
+    """Everything the next epoch depends on: weights, optimizer moments, adapters and torch's RNG.
+    LR and alpha are pure functions of the step, the data order of seed and epoch: no state."""
     state = {
         "epoch": epoch, "seconds": seconds, "history": torch.tensor(history, dtype=torch.float64),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "adapters": feature_kd.state_dict() if feature_kd is not None else None,
-        "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, path + ".partial")
     os.replace(path + ".partial", path)  # a kill mid-save keeps the previous epoch's state
 
 
-def load_training_state(path, model, optimizer, feature_kd, loader) -> tuple[int, list, float]:
+def load_training_state(path, model, optimizer, feature_kd) -> tuple[int, list, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if feature_kd is not None and state["adapters"] is not None:
         feature_kd.load_state_dict(state["adapters"])
-    loader.generator.set_state(state["loader_rng"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"]), state["history"].tolist(), float(state["seconds"])
 
@@ -253,6 +364,7 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     """Train every student of `cfg` (and its baseline); return the summary rows.
 
     Python API: `kdcache.train_student(cache="cache.zarr", students=["resnet8"], epochs=5)`.
+    Under `torchrun` every rank runs this and each student is trained with DDP across them.
     """
     cfg = cfg or resolve(TrainConfig, overrides=options, source="train_student()")
     for name in cfg.students:
@@ -260,44 +372,43 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     if cfg.loss not in KD_LOSSES:
         raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(KD_LOSSES)} "
                            f"(closest: {closest(cfg.loss, KD_LOSSES)})")
-    device = resolve_device(cfg.device)
-    train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
-    test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
+    dist = distributed.Dist.from_env()
+    if cfg.jobs > 1 and dist.world_size > 1:
+        raise KDCacheError("--jobs trains several students side by side in one launch; under torchrun each student "
+                           "is already spread over the processes: drop --jobs or run without torchrun")
+    device = distributed.device_for(dist, resolve_device(cfg.device))
+    with distributed.process_group(device.type) as dist:
+        setup = Setup(cfg, device, dist)
+        runs, folders = plan_runs(cfg, setup.mode)
+        if setup.pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
+            probe = features.probe_batch(setup.train_data.dataset, device)
+            for name in cfg.students:
+                student = create_model(name, num_classes=setup.train_data.num_classes, in_chans=setup.train_data.in_chans)
+                features.build_feature_kd(setup.pairs, student.to(device), setup.teacher, probe)
+        teacher_top1 = None
+        if setup.teacher_pred is not None:
+            teacher_top1 = 100.0 * (setup.teacher_pred == torch.as_tensor(setup.test_data.labels)).float().mean().item()
+        todo = [run for run in runs if not _finished(cfg, folders[run])]
+        if cfg.jobs > 1 and len(todo) > 1:
+            from kdcache import jobs
 
-    teacher, teacher_pred, mode, pairs, cache = None, None, "plain", [], None
-    if cfg.cache:
-        cache = open_cache(cfg.cache, device=device)
-        if cfg.verify:
-            from kdcache.verify import verify_store
+            trained = jobs.run(cfg, todo, folders)  # each job sets up its own data and teacher
+        else:
+            trained = {run: fit(run[0], run[1], setup, folders[run]) for run in todo}
+        rows = []
+        for name, kind in runs:
+            row = trained.get((name, kind)) or finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
+            row["teacher_top1"] = teacher_top1
+            rows.append(row)
+            if dist.is_main:
+                print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)
+        if dist.is_main:
+            write_summary(cfg.out, rows)
+        return rows
 
-            problems = verify_store(cfg.cache)
-            if problems:
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise KDCacheError(f"cache '{cfg.cache}' fails verification: {problems[0]}{more}; "
-                                   f"see kdcache verify {cfg.cache}, then dump it again")
-        cache.check_dataset(train_data)
-        if cache.num_classes != train_data.num_classes:
-            raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {train_data.num_classes}")
-        targets = cache[cfg.train_split]
-        stored = cache.attrs.get("activations", {})  # {name: {form}}, as dump-teacher recorded them
-        pairs = features.pairs_from_cache(cfg.features, {n: a["form"] for n, a in stored.items() if n in targets.activations})
-        teacher, mode = CachedTeacher(targets, sorted({p.teacher for p in pairs})), "kd"
-        if cache.has_split(cfg.test_split):
-            cache.check_dataset(test_data)
-            teacher_pred = cache[cfg.test_split].logits[:, 0].float().argmax(1).cpu()  # eval splits: one clean view
-    elif cfg.teacher:
-        model, info = build_teacher(cfg.teacher, num_classes=train_data.num_classes)
-        pairs = features.pairs_for_teacher(cfg.features, model)
-        teacher, mode = OnlineTeacher(model.to(device), features.teacher_forms(pairs)), "online_kd"
-        teacher_pred = _predict(model, _loader(WithIndex(test_data.dataset), cfg, shuffle=False, batch_size=256), device)
-    # the student's inputs: a view cache's views (replay-checked here), its own augmentation, or the data as is
-    views = augment.training_views(cfg, train_data, cache)
-    if pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
-        probe = features.probe_batch(train_data.dataset, device)
-        for name in cfg.students:
-            student = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans)
-            features.build_feature_kd(pairs, student.to(device), teacher, probe)
 
+def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:
+    """[(student, kind)] in order and each one's folder; refuses to overwrite a trained student."""
     runs = [(name, mode) for name in cfg.students]
     if cfg.baseline and mode != "plain":
         runs += [(name, "baseline") for name in cfg.students]
@@ -306,23 +417,12 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
         if os.path.exists(os.path.join(folder, "model.pt")) and not (cfg.overwrite or cfg.resume):
             raise KDCacheError(f"'{folder}' already holds a trained student; pass --resume to keep it, "
                                "--overwrite to retrain it, or choose another --out")
+    return runs, folders
 
-    teacher_top1 = None
-    if teacher_pred is not None:
-        teacher_top1 = 100.0 * (teacher_pred == torch.as_tensor(test_data.labels)).float().mean().item()
-    rows = []
-    for name, kind in runs:
-        done = os.path.join(folders[(name, kind)], "model.pt")
-        if cfg.resume and not cfg.overwrite and os.path.exists(done):
-            row = finished_row(name, kind, cfg, done)  # a resumed sweep skips finished students
-        else:
-            row = fit(name, kind, cfg, train_data, test_data, None if kind == "baseline" else teacher,
-                      teacher_pred, device, folders[(name, kind)], pairs, views)
-        row["teacher_top1"] = teacher_top1
-        rows.append(row)
-        print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)
-    write_summary(cfg.out, rows)
-    return rows
+
+def _finished(cfg: TrainConfig, folder: str) -> bool:
+    """A resumed sweep skips students already trained."""
+    return cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, "model.pt"))
 
 
 @torch.no_grad()
