@@ -2,7 +2,7 @@
 
 dataset (eval transform, fixed order) -> V views per sample (augment.DumpViews; one clean view
 unless --views/--augment) -> DataLoader (no shuffle) -> teacher (inference mode, autocast on GPU)
--> hooks -> device-to-host copy -> ChunkWriter thread -> store; complete last.
+-> hooks -> device-to-host copy -> BlockWriter thread -> store; complete last.
 A row of every array is one sample: [V, ...], all its views.
 """
 from __future__ import annotations
@@ -267,10 +267,12 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
                 bar.update(b)
     except BaseException:
         out.abort()
+        record.flush()  # the whole blocks written before the failure: a resumed dump skips them
         raise
     finally:
         bar.close()
     out.close()
+    record.flush()
 
 
 def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device) -> int:

@@ -3,7 +3,6 @@
 The trainer picks them by name from LOGIT_LOSSES / FEATURE_LOSSES and combines and weights them.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -369,29 +368,34 @@ def _flat_pair(loss, fs, ft):
 def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
     """Soft-target KD from a top-K teacher: K values, their classes and the row's logsumexp.
 
-    The tail's total mass at T = 1 is known exactly, m = 1 - sum_k exp(v_k - lse); its split over
-    the C - K other classes is not. Both reconstructions assume an even split, i.e. each tail
-    class has the logit l_tail = lse + log(m / (C - K)) (TopK.tail_logit).
+    The tail's total mass at T = 1 is known exactly, m = 1 - sum_k exp(v_k - lse); how it splits
+    over the C - K other classes is not, and at T != 1 that split matters. What is known: every
+    tail logit is at most v_K, the K-th largest.
 
     reconstruction="dense" -- FKD's choice (Shen & Xing, "A Fast Knowledge Distillation Framework
     for Visual Recognition", ECCV 2022): soft_target(s, teacher.dense(), T), plain KD against
-    logits where every tail class holds l_tail. The student is pulled to a flat tail.
+    logits where every tail class holds the even-split logit l_tail = lse + log(m / (C - K))
+    (TopK.tail_logit). The student is pulled to a flat tail.
 
     reconstruction="sparse" -- KL over K + 1 bins, the teacher's K classes and one tail bucket:
-        teacher  softmax([v_1 / T, ..., v_K / T, log(C - K) + l_tail / T])
+        teacher  softmax([v_1 / T, ..., v_K / T, log M_T]),
+                 M_T = (m e^lse / e^v_K) * e^(v_K / T): the tail's mass packed into as few classes as
+                 its T = 1 mass allows, each at the largest logit a tail class can have, v_K,
         student  [log p^s_k for the K classes, logsumexp over the other classes of log p^s_j],
                  p^s = softmax(s / T) over all C classes,
         loss = T^2 * mean_batch KL(teacher bins || student bins).
     With K == C there is no bucket and both forms equal soft_target.
 
-    Bias. At T = 1 the teacher's bins are exact. At T != 1 the tail's tempered mass is
-    exp(lse / T) * sum_{j in tail} q_j^(1/T), q_j = exp(l_j - lse), sum_j q_j = m. For T > 1,
-    x^(1/T) is concave, so by Jensen that sum is largest when the q_j are equal: the even split
-    gives (C - K) (m / (C - K))^(1/T) >= the true sum. Both reconstructions therefore give the
-    tail too much tempered mass and show a teacher softer than the real one; for T < 1 the
-    inequality flips (x^(1/T) convex) and the teacher looks sharper. The error grows with how
-    uneven the real tail is and vanishes at T = 1 or K = C. The sparse form also says nothing
-    about how the student spreads its mass inside the tail: by the chain rule of KL,
+    Bias. At T = 1 both are exact in the teacher's bins. At T != 1 the tail's tempered mass is
+    exp(lse / T) * sum_{j in tail} q_j^(1/T), q_j = exp(l_j - lse) <= q_K, sum_j q_j = m. For T > 1
+    x^(1/T) is concave, so that sum is largest when the q_j are equal (the even split of "dense")
+    and smallest when they are packed at q_K (the bound "sparse" uses). So for T > 1 "dense" gives
+    the tail too much tempered mass (a teacher softer than the real one: measured on digit-pairs
+    at T = 4, the even tail of top-8 puts about half the mass in the tail and ruins KD), and
+    "sparse" too little (a sharper teacher, whose top-K classes keep their true relative weights);
+    for T < 1 both inequalities flip. The error vanishes at T = 1 or K = C and grows with how
+    uneven the real tail is. The sparse form also says nothing about how the student spreads its
+    mass inside the tail: by the chain rule of KL,
         KL(p || q) = KL(p_bins || q_bins) + p_tail * KL(p(. | tail) || q(. | tail)),
     so the merged-bin KL is a lower bound of the full KL and the tail's inner shape gets no
     gradient (where "dense" pushes it towards flat).
@@ -419,7 +423,9 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
         # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student
         log_ps_tail = torch.logsumexp(log_ps.masked_fill(in_top, float("-inf")), dim=1, keepdim=True)
         log_ps_bins = torch.cat([log_ps_bins, log_ps_tail], dim=1)
-        t_tail = math.log(c - k) + teacher.tail_logit().to(student_logits.dtype) / T
+        v_k = teacher.values[:, -1]
+        # log M_T = log m + lse - v_K + v_K / T: the packed-at-v_K tail (exact at T = 1)
+        t_tail = (teacher.log_tail_mass() + teacher.logsumexp - v_k + v_k / T).to(student_logits.dtype)
         t_bins = torch.cat([t_bins, t_tail.unsqueeze(1)], dim=1)
     log_pt_bins = F.log_softmax(t_bins, dim=1)
     return T * T * F.kl_div(log_ps_bins, log_pt_bins, reduction="batchmean", log_target=True)

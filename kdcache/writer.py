@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -130,22 +131,40 @@ class BlockWriter:
 class ProgressRecord:
     """One writer's record of blocks [first, stop) of a split, kept in its own group's attrs.
 
-    `checksums` {array (relative to the split): [crc32 or None per block]} is rewritten whole, in
-    one metadata write, after every block: a kill leaves the record of the last whole block.
+    `checksums` {array (relative to the split): [crc32 or None per block]} is written whole, in one
+    metadata write, at most every `every` seconds and at `flush()`: rewriting it after each of an
+    ImageNet dump's 2,500 blocks cost 13 ms a block (quadratic in the blocks), about as much as
+    writing the blocks. A kill loses at most the last `every` seconds of progress, which a resumed
+    dump writes again; it never records a block that is not whole.
     """
 
-    def __init__(self, store, split: str, first: int, stop: int, known: dict):
+    def __init__(self, store, split: str, first: int, stop: int, known: dict, every: float = 1.0):
         self.store, self.split, self.first, self.stop = store, split, first, stop
         self.group = f"{split}/{PROGRESS}/{first}-{stop}"
         self.checksums = {name: sums[first:stop] for name, sums in known.items()}
+        self.every = every
+        self._written = 0.0  # when the record was last written (time.monotonic)
+        self._pending = False
         self._lock = threading.Lock()
 
     def record(self, block: int, sums: dict) -> None:
         with self._lock:
             for path, crc in sums.items():
                 self.checksums[path.removeprefix(self.split + "/")][block - self.first] = crc
-            self.store.update_attrs({"first": self.first, "stop": self.stop, "checksums": self.checksums},
-                                    group=self.group)
+            self._pending = True
+            if time.monotonic() - self._written >= self.every:
+                self._write()
+
+    def flush(self) -> None:
+        """Write what is recorded and not yet written (at the end, or after a failure upstream)."""
+        with self._lock:
+            if self._pending:
+                self._write()
+
+    def _write(self) -> None:
+        self.store.update_attrs({"first": self.first, "stop": self.stop, "checksums": self.checksums},
+                                group=self.group)
+        self._written, self._pending = time.monotonic(), False
 
 
 def read_progress(store, split: str, arrays, n_blocks: int) -> dict:

@@ -416,8 +416,9 @@ def test_soft_target_topk_sparse_is_kl_over_the_k_classes_and_one_tail_bin():
     expected = 0.0
     for s, t, top in zip(S, TT, idx):
         rest = [i for i in range(len(t)) if i not in top]
-        l_tail = np_even_tail_logit(t, top)
-        pt = np.array([math.exp(t[i] / T) for i in top] + [len(rest) * math.exp(l_tail / T)])
+        v_k = t[top[-1]]  # the smallest kept logit: no tail class is above it
+        packed = sum(math.exp(t[i]) for i in rest) / math.exp(v_k)  # the tail's mass in classes at v_K
+        pt = np.array([math.exp(t[i] / T) for i in top] + [packed * math.exp(v_k / T)])
         ps = np_softmax(s / T)
         expected += T * T * np_kl(pt / pt.sum(), [ps[i] for i in top] + [ps[rest].sum()])
     expected /= len(S)

@@ -66,6 +66,8 @@ def test_progress_records_of_several_writers_merge_into_the_blocks_done(tmp_path
     first.record(0, {"train/logits": 11})
     first.record(1, {"train/logits": 12})
     second.record(4, {"train/logits": 15})
+    assert read_progress(s, "train", ["logits"], 6)["logits"][:2] == [11, None]  # written at most once a second
+    first.flush()
     merged = read_progress(s, "train", ["logits"], 6)
     assert merged == {"logits": [11, 12, None, None, 15, None]}
     assert blocks_done(merged, 6) == {0, 1, 4}
