@@ -19,17 +19,19 @@ Teacher resnet8 (random weights, saved as a kdcache checkpoint), student cnn_tin
             calls it: teacher from its checkpoint, dataset, store creation, probe, arrays, labels,
             fingerprint, the batch loop, complete flag, rename. Timed in a warm process; the CLI
             pays its imports (torch, torchvision, zarr) on top.
-     1a/1b  batch loop (steady state) of those same calls: from the ChunkWriter's creation to the
-            end of its close() (loader, teacher, encode, copies, writer thread, last flush), timed
-            by a ChunkWriter subclass swapped into kdcache.dump. The call minus its loop (the fixed
+     1a/1b  batch loop (steady state) of those same calls: from the BlockWriter's creation to the
+            end of its close() (loader, teacher, encode, copies, writer thread, last block), timed
+            by a BlockWriter subclass swapped into kdcache.writer. The call minus its loop (the fixed
             costs) and the dataset loading within them are printed beside 1c/1d.
 2. train-from-cache / plain-training throughput (target >= 0.97): `kdcache.train.train_one_epoch`
    with the same student init, data order and optimizer; plain = CE only (teacher=None), from
    cache = CE + soft_target KD with targets gathered by `CachedTeacher` from the in-memory table.
 3. random-batch read of cached logits (target >= 1,000,000 samples/s): `SplitTargets[idx]`
    (`open_cache(path)[split][idx]`) on random batches of 256 from a synthetic 200k x 1000 float16
-   zarr store written with kdcache's store classes, next to a naive per-batch zarr read
-   (`array.oindex[sorted idx]`) on the same store; their ratio is printed beside it.
+   zarr store (bench/synthetic.py: written as a dump writes, logits with class structure), next
+   to a naive per-batch zarr read (`array.oindex[sorted idx]`) on the same store; their ratio is
+   printed beside it. 3c, 3d: the same gather from int8 and top-32 tables (kept as stored,
+   decoded per batch: int8 to float32 [B, C], top-k to a TopK).
 4. online-KD / cached-KD step time (target >= 0.97 x (student + teacher) / student): online
    uses `OnlineTeacher`; student = the plain-training epoch (forward, backward, step, loader),
    teacher = the teacher's no_grad forward over the same batches, both measured in each round.
@@ -37,8 +39,22 @@ Teacher resnet8 (random weights, saved as a kdcache checkpoint), student cnn_tin
 
 Also: bytes per sample of the stores of figure 1 (`kdcache.report.describe_store`).
 
-Run: `.venv/bin/python bench/run.py` (`make bench`); `--rounds N` for more rounds, `--keep` to
-keep the stores. Device: cuda when there is one (as `--device auto`), else cpu.
+Sections beyond the speed targets, each in its own module:
+5. bench/encoding_costs.py: bytes per sample and write throughput of float32, float16, bfloat16,
+   int8, top-32 and top-8 logits in zarr and HDF5 (ratios to float16's), and zarr's compressors
+   (zstd 1/3/9, blosc-lz4, blosc-zstd with byte shuffle, none) by bytes and write/read speed.
+6. bench/stream.py: streamed feature maps (BlockShuffleSampler + StreamTargets, every batch of an
+   epoch gathered) / a sequential block-by-block read of the same store, target >= 0.8.
+7. bench/scale.py: 1.28M x 1000 stores in float16, int8, top-32, top-8: bytes, write time, and
+   each one's training process's peak RSS beyond the model and images (top-32 < 2 GB). --skip-scale.
+8. bench/quality.py: a student's top-1 on digit-pairs from int8, top-32 and top-8 targets against
+   float16 (top-32 within 0.5 point). --skip-quality.
+Synthetic stores (3, 5, 6, 7) come from bench/synthetic.py: logits with class structure, written
+as `dump-teacher` writes them. Every section prints its wall time.
+
+Run: `.venv/bin/python bench/run.py` (`make bench`, ~12 minutes on 2 idle CPU cores); `--rounds N`
+for more rounds, `--keep` to keep the stores, `--quick` to check that every section runs (small
+sizes, numbers meaningless). Device: cuda when there is one (as `--device auto`), else cpu.
 """
 from __future__ import annotations
 
@@ -54,8 +70,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py, when run as a script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench's modules, when run as a script
 
+import encoding_costs  # noqa: E402
+import quality  # noqa: E402
+import scale  # noqa: E402
+import stream  # noqa: E402
+from synthetic import LogitBank, write_logit_stores  # noqa: E402
 from timing import Figure, alternate, best, paired, sync, timed  # noqa: E402
 
 import kdcache  # noqa: E402
@@ -63,14 +84,16 @@ from kdcache import store as stores  # noqa: E402
 from kdcache.config import DumpConfig, TrainConfig, resolve  # noqa: E402
 from kdcache.data import WithIndex, load_split  # noqa: E402
 import kdcache.dump  # noqa: E402
+import kdcache.writer  # noqa: E402
 from kdcache.dump import dump_teacher, resolve_device  # noqa: E402
+from kdcache.encodings import LogitCodec  # noqa: E402
 from kdcache.models import build_teacher, create_model, save_checkpoint  # noqa: E402
 from kdcache.report import describe_store  # noqa: E402
 from kdcache.schedules import Schedule  # noqa: E402
 from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache  # noqa: E402
 from kdcache.train import train_one_epoch  # noqa: E402
 
-# Sizes: each side of a comparison takes about a second on 1 CPU thread (whole run ~2-3 minutes).
+# Sizes: each side of a comparison takes about a second on 1 CPU thread (figures 1-4: ~5 minutes).
 CLASSES = 100  # CIFAR-100-like: 200 B/sample of float16 logits
 TEACHER = "resnet8"  # ~0.9 ms/sample forward on 1 CPU thread: the cost a cache saves
 STUDENT = "cnn_tiny"  # ~10 ms per 64-sample train step: the smallest student, where KD's overhead shows most
@@ -79,10 +102,20 @@ STUDENT = "cnn_tiny"  # ~10 ms per 64-sample train step: the smallest student, w
 # 2-core machine a second intra-op thread stalls for a scheduler slice (~8 ms a kernel, measured)
 # whenever any other process runs, which turns a 10 ms step into 100-500 ms at random.
 SIZES = {
-    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9}, threads=1),
-    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5}, threads=None),
+    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9, 5: 3, 6: 4}, threads=1),
+    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5, 5: 3, 6: 5},
+                 threads=None),
 }
-READ_ROWS, READ_CLASSES, READ_BATCH = 200_000, 1000, 256  # figure 3's store: 400 MB of float16 logits
+# --quick: sizes per section (keyword arguments of its function) that only check that it runs
+QUICK_ROWS = {3: dict(rows=20_000), 5: dict(rows=4096), "5c": dict(rows=4096), 6: dict(rows=12_000),
+              7: dict(rows=50_000),
+              8: dict(seeds=(0,), dataset="digit-pairs:size=2000,test_size=400", teacher_epochs=1, student_epochs=1)}
+READ_ROWS, READ_CLASSES, READ_BATCH = 200_000, 1000, 256  # figure 3's stores: 400 MB of float16 logits
+READ_CODECS = {  # figure 3's tables: dense float16 (3), int8 with per-row scale and offset (3c), top-32 (3d)
+    "float16": LogitCodec("float16", None, READ_CLASSES),
+    "int8": LogitCodec("int8", None, READ_CLASSES),
+    "top32": LogitCodec("float16", 32, READ_CLASSES),
+}
 GATHERS, ZARR_READS = 400, 4  # batches per side per round of figure 3 (the zarr side is ~200x slower)
 
 
@@ -115,10 +148,12 @@ def inference_only(teacher, data, cfg: DumpConfig, device) -> None:
 
 @contextmanager
 def timed_parts(record: dict):
-    """Inside, kdcache.dump uses timed versions of two of its names: record["loop"] gets the
-    batch loop's seconds (a ChunkWriter's life, created before the first batch, closed after the
-    last flush: loader, teacher, encode, copies, writes), record["data"] the dataset loading."""
-    writer_class, load = kdcache.dump.ChunkWriter, kdcache.dump.load_split
+    """Inside, kdcache.dump uses timed versions of two names: record["loop"] gets the batch loop's
+    seconds (a BlockWriter's life, created before the first batch, closed after the last block:
+    loader, teacher, encode, copies, writes), record["data"] the dataset loading. The dump reaches
+    its writer as `writer.BlockWriter` (`from kdcache import writer`), so the class is swapped in
+    kdcache.writer; load_split is a name of kdcache.dump's own."""
+    writer_class, load = kdcache.writer.BlockWriter, kdcache.dump.load_split
 
     class TimedWriter(writer_class):
         def __init__(self, *args, **kwargs):
@@ -138,11 +173,11 @@ def timed_parts(record: dict):
         finally:
             record["data"] = record.get("data", 0.0) + time.perf_counter() - start
 
-    kdcache.dump.ChunkWriter, kdcache.dump.load_split = TimedWriter, timed_load  # looked up at each call
+    kdcache.writer.BlockWriter, kdcache.dump.load_split = TimedWriter, timed_load  # looked up at each call
     try:
         yield record
     finally:
-        kdcache.dump.ChunkWriter, kdcache.dump.load_split = writer_class, load
+        kdcache.writer.BlockWriter, kdcache.dump.load_split = writer_class, load
 
 
 def dump_call(cfg: DumpConfig, out: str, parts: dict) -> float:
@@ -249,26 +284,6 @@ def bench_train(dataset, cache_path: str, device, epochs: int, rounds: int, stud
 
 # --- 3. random-batch reads of cached logits ---------------------------------------------------------
 
-def write_synthetic_store(path: str, rows: int, classes: int) -> None:
-    """A complete one-split float16 cache, written chunk-aligned with kdcache's store classes."""
-    rng = np.random.default_rng(0)
-    with stores.create_store(path) as store:
-        store.update_attrs({"schema_version": stores.SCHEMA_VERSION, "complete": False, "encoding": None,
-                            "activations": {}, "teacher": {"arch": "synthetic", "num_classes": classes},
-                            "dtype": "float16", "views": 1, "topk": None})
-        chunk = stores.chunk_rows(classes * 2, rows)
-        logits = store.create_array("train/logits", shape=(rows, 1, classes), dtype="float16",
-                                    chunks=(chunk, 1, classes))
-        block = chunk * 16  # 16 whole chunks per write: ~16 MiB of host memory at a time
-        for start in range(0, rows, block):
-            n = min(block, rows - start)
-            logits[start:start + n] = (3 * rng.standard_normal((n, 1, classes), dtype=np.float32)).astype(np.float16)
-        labels = store.create_array("train/labels", shape=(rows,), dtype="int64", chunks=(stores.chunk_rows(8, rows),))
-        labels[:] = rng.integers(0, classes, rows)
-        store.update_attrs({"complete": True, "rows_written": rows}, group="train")
-        store.update_attrs({"complete": True})
-
-
 def gather_batches(targets, batches: list, device) -> None:
     for index in batches:
         targets[index]
@@ -281,20 +296,23 @@ def zarr_batch_reads(array, batches: list) -> None:
         array.oindex[np.sort(index.numpy())]
 
 
-def bench_read(work: str, device, rounds: int) -> tuple[list[Figure], str]:
-    path = os.path.join(work, "read.zarr")
-    write_s = timed(lambda: write_synthetic_store(path, READ_ROWS, READ_CLASSES))
-    start = time.perf_counter()
-    targets = open_cache(path)["train"]  # the whole table into memory, one read per array
-    load_s = time.perf_counter() - start
-    on_device = open_cache(path, device=device)["train"] if device.type == "cuda" else None  # as train-student holds it
-    store = stores.open_store(path)
+def bench_read(work: str, device, rounds: int, rows: int = READ_ROWS) -> tuple[list[Figure], str]:
+    paths = {os.path.join(work, f"read-{key}.zarr"): codec for key, codec in READ_CODECS.items()}
+    write_s = timed(lambda: write_logit_stores(paths, LogitBank(READ_CLASSES), rows))
+    tables, load_s = {}, {}
+    for (key, codec), path in zip(READ_CODECS.items(), paths):
+        start = time.perf_counter()
+        tables[key] = open_cache(path)["train"]  # the whole table into memory as stored, one read per array
+        load_s[key] = time.perf_counter() - start
+    fp16 = next(iter(paths))
+    on_device = open_cache(fp16, device=device)["train"] if device.type == "cuda" else None  # as train-student holds it
+    store = stores.open_store(fp16)
     array = store.array("train/logits")
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, READ_ROWS, (READ_BATCH,), generator=g) for _ in range(GATHERS)]  # drawn untimed
+    batches = [torch.randint(0, rows, (READ_BATCH,), generator=g) for _ in range(GATHERS)]  # drawn untimed
     cpu = torch.device("cpu")
-    sides = {"gather": lambda: gather_batches(targets, batches, cpu),
-             "zarr": lambda: zarr_batch_reads(array, batches[:ZARR_READS])}
+    sides = {key: (lambda t=t: gather_batches(t, batches, cpu)) for key, t in tables.items()}
+    sides["zarr"] = lambda: zarr_batch_reads(array, batches[:ZARR_READS])
     if on_device is not None:
         sides["device"] = lambda: gather_batches(on_device, batches, device)
     for side in sides:
@@ -303,19 +321,27 @@ def bench_read(work: str, device, rounds: int) -> tuple[list[Figure], str]:
     times = alternate(sides, rounds)
     store.close()
     rate = lambda side, k: lambda **t: k * READ_BATCH / t[side]  # noqa: E731
-    gather_rate, zarr_rate = rate("gather", GATHERS), rate("zarr", ZARR_READS)
+    gather_rate, zarr_rate = rate("float16", GATHERS), rate("zarr", ZARR_READS)
     speedup = best(times, gather_rate) / best(times, zarr_rate)
     note = (f"per-batch zarr oindex[sorted idx] {best(times, zarr_rate):,.0f}/s on the same store: the gather is "
-            f"{speedup:,.0f}x faster (best rounds); table {READ_ROWS:,} x {READ_CLASSES} float16 in RAM")
-    info = (f"   store for 3: written in {write_s:.1f} s, {du(path) / 1e6:.0f} MB on disk, "
-            f"loaded into memory by open_cache()[split] in {load_s:.1f} s")
-    shutil.rmtree(path)  # 400 MB: gone as soon as it has served
+            f"{speedup:,.0f}x faster (best rounds); table {rows:,} x {READ_CLASSES} float16 in RAM")
+    sizes = ", ".join(f"{key} {du(path) / 1e6:.0f} MB on disk, {tables[key].nbytes / 1e6:.0f} MB in RAM, "
+                      f"loaded in {load_s[key]:.1f} s" for (key, path) in zip(READ_CODECS, paths))
+    info = (f"   stores for 3 ({rows:,} x {READ_CLASSES}, bench/synthetic.py logits), written together in "
+            f"{write_s:.1f} s: {sizes} (open_cache()[split])")
+    for path in paths:
+        shutil.rmtree(path)  # 0.4 GB: gone as soon as they have served
     figures = [Figure("3", f"random batches of {READ_BATCH}, SplitTargets[idx] gather", paired(times, gather_rate),
                       best(times, gather_rate), 1e6, ">= 1,000,000/s", unit="/s", note=note)]
     if on_device is not None:
         device_rate = rate("device", GATHERS)
         figures.append(Figure("3b", f"the same, table on {device} (open_cache(device=...))", paired(times, device_rate),
                               best(times, device_rate), 1e6, ">= 1,000,000/s", unit="/s"))
+    for label, key, what in (("3c", "int8", "int8 table, decoded per batch"),
+                             ("3d", "top32", "top-32 table, a TopK per batch")):
+        r = rate(key, GATHERS)
+        figures.append(Figure(label, f"the same, {what}", paired(times, r), best(times, r), 1e6, ">= 1,000,000/s",
+                              unit="/s"))
     return figures, info
 
 
@@ -367,6 +393,20 @@ def print_table(figures: list[Figure]) -> None:
             print(f"{'':<6}{f.note}")
 
 
+def section(number: int, title: str, run):
+    """Run one section, print its line of progress with its wall time, and return what it returned."""
+    start = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - start
+    print(f"[{number}/{SECTIONS}] {title}: {seconds:.0f} s", flush=True)
+    SECTION_SECONDS[number] = seconds
+    return result
+
+
+SECTIONS = 8
+SECTION_SECONDS: dict = {}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure (default: per figure, see SIZES)")
@@ -374,6 +414,12 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the stores and checkpoint afterwards")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU (see SIZES), torch's own on CUDA; 0: torch's own")
+    parser.add_argument("--skip-scale", action="store_true", help="skip section 7, the 1.28M-sample stores (~3 min)")
+    parser.add_argument("--skip-quality", action="store_true", help="skip section 8, KD quality on digit-pairs (~5 min)")
+    parser.add_argument("--kd-temperature", type=float, default=None,
+                        help="section 8's KD temperature (default: train-student's, 4); top-k targets depend on it")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and 2 rounds everywhere: checks that every section runs, measures nothing")
     args = parser.parse_args(argv)
 
     device = resolve_device("auto")
@@ -381,7 +427,8 @@ def main(argv=None) -> int:
     threads = sizes["threads"] if args.threads is None else args.threads
     if threads:
         torch.set_num_threads(threads)
-    rounds = {k: args.rounds or v for k, v in sizes["rounds"].items()}
+    rounds = {k: args.rounds or (2 if args.quick else v) for k, v in sizes["rounds"].items()}
+    rows = QUICK_ROWS if args.quick else {}  # section -> rows: the modules' own sizes unless --quick
     work = args.workdir or tempfile.mkdtemp(prefix="kdcache-bench-")
     os.makedirs(work, exist_ok=True)
     spec = sizes["dataset"]
@@ -391,44 +438,82 @@ def main(argv=None) -> int:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, dataset {spec}, teacher {TEACHER}, "
           f"student {STUDENT}", flush=True)
-    figures, info = [], []
+    figures, info, tables = [], [], []
     try:
         ckpt = make_teacher_checkpoint(work)
-
-        t = time.perf_counter()
-        dump_figures, dumped = bench_dump(work, ckpt, spec, device, rounds[1])
+        dump_figures, dumped = section(1, f"dump vs inference, {rounds[1]} rounds",
+                                       lambda: bench_dump(work, ckpt, spec, device, rounds[1]))
         figures += dump_figures
-        print(f"[1/4] dump vs inference: {rounds[1]} rounds, {time.perf_counter() - t:.0f} s", flush=True)
 
         dataset = load_split(spec, "train").dataset  # in memory already: steps, not image decoding
-        t = time.perf_counter()
-        figures.append(bench_train(dataset, dumped["zarr"], device, sizes["epochs"], rounds[2]))
-        # KD from the cache adds a fixed cost per step (a gather and ~20 small ops): shown on the
-        # smallest student above, and on a CIFAR ResNet, where it is a smaller share of the step
-        figures.append(bench_train(dataset, dumped["zarr"], device, 1, max(3, rounds[2] // 3), "resnet8", "2b"))
-        print(f"[2/4] train from cache vs plain: {rounds[2]} rounds, {time.perf_counter() - t:.0f} s", flush=True)
 
-        t = time.perf_counter()
-        read_figures, read_info = bench_read(work, device, rounds[3])
+        def train_figures():
+            # KD from the cache adds a fixed cost per step (a gather and ~20 small ops): shown on the
+            # smallest student, and on a CIFAR ResNet, where it is a smaller share of the step
+            return [bench_train(dataset, dumped["zarr"], device, sizes["epochs"], rounds[2]),
+                    bench_train(dataset, dumped["zarr"], device, 1, max(2, rounds[2] // 3), "resnet8", "2b")]
+
+        figures += section(2, f"train from cache vs plain, {rounds[2]} rounds", train_figures)
+
+        read_figures, read_info = section(3, f"random-batch reads, {rounds[3]} rounds",
+                                          lambda: bench_read(work, device, rounds[3], **rows.get(3, {})))
         figures += read_figures
         info.append(read_info)
-        print(f"[3/4] random-batch reads: {rounds[3]} rounds, {time.perf_counter() - t:.0f} s", flush=True)
 
-        t = time.perf_counter()
-        figures.append(bench_online(dataset, dumped["zarr"], ckpt, device, sizes["epochs"], rounds[4]))
-        print(f"[4/4] online vs cached KD: {rounds[4]} rounds, {time.perf_counter() - t:.0f} s", flush=True)
-
+        figures.append(section(4, f"online vs cached KD, {rounds[4]} rounds",
+                               lambda: bench_online(dataset, dumped["zarr"], ckpt, device, sizes["epochs"], rounds[4])))
         sizes_lines = store_sizes({"zarr": dumped["zarr"], "h5": dumped["h5"]})
+
+        def encodings_tables():
+            enc_lines, _ = encoding_costs.bench_encodings(work, rounds[5], **rows.get(5, {}))
+            comp_lines, _ = encoding_costs.bench_compressors(work, rounds[5], **rows.get("5c", {}))
+            return enc_lines, comp_lines
+
+        enc_lines, comp_lines = section(5, f"bytes and write throughput per encoding, compressors, {rounds[5]} rounds",
+                                        encodings_tables)
+        tables.append(("5. bytes per sample and write throughput of each logit encoding (bench/encoding_costs.py)",
+                       enc_lines))
+        tables.append(("5. zarr compressors for the logits (bench/encoding_costs.py)", comp_lines))
+
+        stream_figures, stream_info = section(6, f"streamed feature maps vs sequential reads, {rounds[6]} rounds",
+                                              lambda: stream.bench_stream(work, rounds[6], **rows.get(6, {})))
+        figures += stream_figures
+        info.append(stream_info)
+
+        if args.skip_scale:
+            print(f"[7/{SECTIONS}] 1.28M-sample stores: skipped (--skip-scale)", flush=True)
+        else:
+            scale_figures, scale_lines = section(7, "1.28M x 1000 stores: bytes, write, training memory",
+                                                 lambda: scale.bench_scale(work, keep=args.keep, **rows.get(7, {})))
+            figures += scale_figures
+            tables.append((f"7. an ImageNet-sized cache per encoding (bench/scale.py), section time "
+                           f"{SECTION_SECONDS[7]:.0f} s", scale_lines))
+
+        if args.skip_quality:
+            print(f"[8/{SECTIONS}] KD quality of compact targets: skipped (--skip-quality)", flush=True)
+        else:
+            quality_figures, quality_lines = section(8, "KD quality of compact targets on digit-pairs",
+                                                     lambda: quality.bench_quality(work, temperature=args.kd_temperature,
+                                                                                   **rows.get(8, {})))
+            figures += quality_figures
+            tables.append((f"8. KD quality of compact targets (bench/quality.py), section time "
+                           f"{SECTION_SECONDS[8]:.0f} s", quality_lines))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
     print_table(figures)
-    print("   * = judged: a ratio on the median of its per-round ratios, a rate on its best round")
+    print("   * = judged: a ratio on the median of its per-round ratios, a rate on its best round, 7 and 8 as noted")
     print(f"bytes per sample of the stores of 1 ({dumped['samples']} samples, float16 logits, describe_store):")
     print("\n".join(sizes_lines))
     print("\n".join(info))
+    for title, lines in tables:
+        print()
+        print(title)
+        print("\n".join(lines))
+    print()
+    print("section times: " + ", ".join(f"{k}: {v:.0f} s" for k, v in SECTION_SECONDS.items()))
     load_after = os.getloadavg()[0]
     busy = "  (other processes were running: see the docstring)" if load_before > 0.5 else ""
     print(f"load average {load_before:.1f} before, {load_after:.1f} after{busy}; total {time.perf_counter() - started:.0f} s")

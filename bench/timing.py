@@ -58,27 +58,38 @@ def med(values: list[float]) -> float:
 
 @dataclass
 class Figure:
-    """One line of the final table: a ratio is judged on its median, a rate on its best round."""
+    """One line of the final table: a ratio is judged on its median, a rate on its best round;
+    a figure that is not a timing (a memory size, an accuracy difference) says how with `judge`."""
 
     key: str  # "1a", "2", ...
     what: str  # what is compared
     median: float  # median of the per-round values
-    best: float  # from each side's fastest round
+    best: float | None  # from each side's fastest round; None where there are no rounds to pick from
     target: float
     target_shown: str  # the target as printed
-    unit: str = ""  # "/s" for a rate (judged on best), "" for a ratio (judged on median)
+    unit: str = ""  # "/s" for a rate (judged on best), "" for a ratio (judged on median), or any other unit
     note: str = ""  # the times or rates behind the value
+    judge: str = ""  # "median" or "best"; default: "best" for a rate, "median" otherwise
+    at_most: bool = False  # the target is a ceiling (a memory size), not a floor
+    fmt: str = ""  # the value's format; default: ",.0f" for a rate, ".3f" otherwise
+
+    @property
+    def judged_by(self) -> str:
+        return self.judge or ("best" if self.unit == "/s" else "median")
 
     @property
     def judged(self) -> float:
-        return self.best if self.unit else self.median
+        return getattr(self, self.judged_by)
 
     def shown(self, which: str) -> str:
         """`which` is "median" or "best"; the judged one carries a `*`."""
         value = getattr(self, which)
-        text = f"{value:,.0f}{self.unit}" if self.unit else f"{value:.3f}"
-        return text + ("*" if (which == "best") == bool(self.unit) else " ")
+        if value is None:
+            return "- "
+        fmt = self.fmt or (",.0f" if self.unit == "/s" else ".3f")
+        return f"{value:{fmt}}{self.unit}" + ("*" if which == self.judged_by else " ")
 
     @property
     def verdict(self) -> str:
-        return "PASS" if self.judged >= self.target else "BELOW"
+        ok = self.judged <= self.target if self.at_most else self.judged >= self.target
+        return "PASS" if ok else ("ABOVE" if self.at_most else "BELOW")

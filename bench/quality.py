@@ -1,0 +1,113 @@
+"""Section 8 of bench/run.py: does a student learn as much from compact targets as from float16?
+
+On `digit-pairs` (100 classes with real structure: pairs that share a digit look alike, and the
+swapped pair most of all), a teacher is trained with `kdcache.train_student`, dumped in float16
+with `kdcache.dump_teacher`, and re-encoded to int8, top-32 and top-8 with `kdcache convert`
+(`convert_store`; without it, each encoding is dumped from the teacher directly). The same
+student is then trained from each cache with the same seed (same init, same data order), for each
+seed; KD settings are train-student's defaults (soft_target, T 4, alpha 0.9; top-k: the sparse
+K + 1 bin reconstruction), or another temperature (`--kd-temperature`): at T != 1 top-k targets
+must guess how the tail's mass tempers (losses.soft_target_topk; the sparse form packs it at the
+K-th logit, a sharper teacher than the real one), so T matters; at T = 1 they are exact.
+Reported: the student's test top-1 per encoding and its difference to float16's, seed by seed.
+Figure 8: top-32 - float16, mean over seeds, target >= -0.5 points.
+On 2 CPU cores the teacher takes ~2 minutes and each student ~20 s.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+from kdcache import dump_teacher, train_student
+from kdcache.report import describe_store
+from timing import Figure
+
+DATASET = "digit-pairs"  # 20,000 train and 4,000 test pairs: one test error is 0.025 points
+TEACHER, TEACHER_EPOCHS = "cnn_small", 3  # 4 epochs gave 96% top-1 in 220 s on 2 busy cores; 3 save a minute
+STUDENT, STUDENT_EPOCHS = "cnn_tiny", 2  # the smallest student: where the teacher's targets matter most
+SEEDS = (0, 1)  # the students' seeds; each encoding is trained with every one
+ENCODINGS = {"float16": {}, "int8": dict(dtype="int8"), "top-32": dict(topk=32), "top-8": dict(topk=8)}
+TOLERANCE = 0.5  # points of top-1 that top-32 may lose against float16
+
+
+def compact_cache(src: str, dst: str, options: dict) -> str:
+    """`kdcache convert SRC DST` to `options`' encoding; a dump from the teacher where convert is missing."""
+    try:
+        from kdcache.convert import convert_store
+    except ImportError:
+        return ""
+    return convert_store(src, dst, dtype=options.get("dtype"), topk=options.get("topk"))
+
+
+def bench_quality(work: str, seeds=SEEDS, dataset: str = DATASET, teacher_epochs: int = TEACHER_EPOCHS,
+                  student_epochs: int = STUDENT_EPOCHS, temperature: float | None = None) -> tuple[list[Figure], list[str]]:
+    folder = os.path.join(work, "quality")
+    os.makedirs(folder, exist_ok=True)
+    log = os.path.join(folder, "log.txt")
+    started = time.perf_counter()
+    with open(log, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        teacher_rows = train_student(students=[TEACHER], dataset=dataset, epochs=teacher_epochs, seed=0,
+                                     out=os.path.join(folder, "teacher"))
+    teacher = os.path.join(folder, "teacher", TEACHER, "model.pt")
+    teacher_s = time.perf_counter() - started
+
+    caches, made_by = {}, {}
+    with open(log, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        caches["float16"] = dump_teacher(teacher=teacher, dataset=dataset, out=os.path.join(folder, "float16.zarr"))
+        made_by["float16"] = "dump"
+        for enc, options in ENCODINGS.items():
+            if enc == "float16":
+                continue
+            path = os.path.join(folder, f"{enc}.zarr")
+            caches[enc] = compact_cache(caches["float16"], path, options)
+            made_by[enc] = "convert"
+            if not caches[enc]:
+                caches[enc] = dump_teacher(teacher=teacher, dataset=dataset, out=path, **options)
+                made_by[enc] = "dump"
+    sizes = {enc: describe_store(path)["splits"]["train"] for enc, path in caches.items()}
+
+    kd = {} if temperature is None else {"temperature": temperature}  # None: train-student's default
+    top1: dict = {enc: {} for enc in ENCODINGS}
+    failed = {}
+    for seed in seeds:
+        for enc, path in caches.items():
+            if enc in failed:
+                continue
+            try:
+                with open(log, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                    rows = train_student(students=[STUDENT], dataset=dataset, epochs=student_epochs, seed=seed,
+                                         cache=path, out=os.path.join(folder, "students", enc, str(seed)), **kd)
+                top1[enc][seed] = rows[0]["top1"]
+            except Exception as e:  # training from compact caches is new: report, and go on with the others
+                failed[enc] = f"{type(e).__name__}: {e}"
+
+    lines = [f"   {dataset}: teacher {TEACHER} ({teacher_epochs} epochs, {teacher_s:.0f} s) test top-1 "
+             f"{teacher_rows[0]['top1']:.2f}; student {STUDENT}, {student_epochs} epochs from each cache, KD temperature "
+             f"{temperature or 'default (4)'}, seeds {', '.join(map(str, seeds))}; log {log} (kept with --keep)",
+             f"   {'targets':<10}{'made by':<9}{'B/sample':>9}{'on disk':>9}  {'top-1 per seed':<22}{'mean':>7}"
+             f"{'vs float16, per seed':>24}{'mean':>8}"]
+    diffs = {}
+    for enc in ENCODINGS:
+        if enc in failed:
+            lines.append(f"   {enc:<10}{made_by.get(enc, '-'):<9} training failed: {failed[enc]}")
+            continue
+        s = sizes[enc]
+        logits_bytes = sum(a["bytes_per_sample"] for k, a in s["arrays"].items() if k != "labels")
+        disk = sum(a["stored_bytes"] for k, a in s["arrays"].items() if k != "labels") / s["arrays"]["labels"]["shape"][0]
+        ours = [top1[enc][seed] for seed in seeds]
+        paired_diffs = [top1[enc][seed] - top1["float16"][seed] for seed in seeds] if "float16" not in failed else []
+        diffs[enc] = paired_diffs
+        diff_cells = " / ".join(f"{d:+.2f}" for d in paired_diffs) if enc != "float16" else ""
+        mean_diff = f"{statistics.mean(paired_diffs):+.2f}" if paired_diffs and enc != "float16" else ""
+        lines.append(f"   {enc:<10}{made_by[enc]:<9}{logits_bytes:>9,}{disk:>9,.1f}  "
+                     f"{' / '.join(f'{v:.2f}' for v in ours):<22}{statistics.mean(ours):>7.2f}{diff_cells:>24}{mean_diff:>8}")
+    figures = []
+    if diffs.get("top-32"):
+        d = diffs["top-32"]
+        figures.append(Figure("8", "KD quality: top-32 - float16 targets, student top-1", statistics.mean(d), None,
+                              -TOLERANCE, f">= -{TOLERANCE} points", unit=" pt", fmt="+.2f",
+                              note=f"mean over seeds {', '.join(map(str, seeds))} of paired differences "
+                                   f"({' / '.join(f'{v:+.2f}' for v in d)}); {STUDENT} on {dataset}, teacher {TEACHER}, T {temperature or 4}"))
+    return figures, lines
