@@ -119,6 +119,7 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
     act_from = attrs.get("activation_dtype") or activation_dtype(old.dtype)
     root_attrs = dict(
         attrs,
+        schema_version=stores.SCHEMA_VERSION,  # DST is laid out by this kdcache, whatever SRC's age
         kdcache_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         complete=False,
@@ -221,7 +222,7 @@ def _read_rows(source, split: str, spans):
     in memory at a time however large the store.
     """
     attrs = source.get_attrs(split)
-    block, checksums = attrs["block_rows"], attrs["checksums"]
+    block, checksums = stores.block_rows_of(source, split), attrs["checksums"]
     names = [name for name in source.array_names(split) if name != "labels"]
     arrays = {name: source.array(f"{split}/{name}") for name in names}
     n = arrays[names[0]].shape[0]

@@ -323,6 +323,9 @@ def _probe(teacher, source, activations, device) -> dict:
 
 def _check_resumable(store, attrs: dict, splits) -> None:
     old = store.get_attrs()
+    if old.get("schema_version") != stores.SCHEMA_VERSION:
+        raise KDCacheError(f"cannot resume '{store.path}': it was started by another kdcache version (schema "
+                           f"{old.get('schema_version')}, this one writes {stores.SCHEMA_VERSION}); pass --overwrite to start over")
     for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment"):
         if old.get(key) != attrs[key]:
             raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "

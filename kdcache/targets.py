@@ -111,7 +111,7 @@ class StreamedSplit:
         attrs = self._store.get_attrs()
         self.attrs = self._store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
-        self.block_rows = self.attrs["block_rows"]
+        self.block_rows = stores.block_rows_of(self._store, split)
         self.labels = torch.from_numpy(np.asarray(self._store.read(f"{split}/labels"), dtype=np.int64))
         logits = self._store.array(f"{split}/logits")
         self.n, self.views = logits.shape[0], logits.shape[1]

@@ -211,7 +211,7 @@ class Setup:
         self.place = choose_place(cfg.targets_in, need, device)
         self.targets = cache.targets(cfg.train_split, activations=used, place=self.place, buffer_blocks=cfg.buffer_blocks)
         if self.dist.is_main:
-            print(f"teacher targets: {need / 2**20:,.1f} MiB, {self.place}"
+            print(f"teacher targets: {need / 2**20:,.2f} MiB, {self.place}"
                   f"{' (auto)' if cfg.targets_in == 'auto' else ''}", flush=True)
         self.teacher, self.mode = CachedTeacher(self.targets, used, device), "kd"
         if cache.has_split(cfg.test_split):

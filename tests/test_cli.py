@@ -70,7 +70,7 @@ def partial_store(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("p") / "c.zarr")
     s = stores.create_store(path + ".partial")
-    s.update_attrs({"schema_version": 1, "complete": False})
+    s.update_attrs({"schema_version": stores.SCHEMA_VERSION, "complete": False})
     s.close()
     return path
 

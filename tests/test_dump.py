@@ -87,7 +87,7 @@ def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_stor
 def test_resume_refuses_a_different_encoding(teacher_ckpt, tmp_path):
     out = str(tmp_path / "c.zarr")
     s = stores.create_store(out + ".partial")
-    s.update_attrs({"schema_version": 1, "complete": False, "teacher": {}, "splits": ["train", "test"],
+    s.update_attrs({"schema_version": stores.SCHEMA_VERSION, "complete": False, "teacher": {}, "splits": ["train", "test"],
                     "dtype": "float32", "activations": {}})
     s.close()
     with pytest.raises(KDCacheError, match="cannot resume"):
@@ -140,3 +140,12 @@ def test_store_size_estimate_bounds_what_is_written(teacher_ckpt, tmp_path):
     out = dump_teacher(cfg)
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     assert (2 * 1797 * 10 + 8 * 1797) < need and on_disk < need
+
+
+def test_resume_refuses_a_partial_store_of_another_schema(teacher_ckpt, tmp_path):
+    out = str(tmp_path / "c.zarr")
+    s = stores.create_store(out + ".partial")
+    s.update_attrs({"schema_version": 1, "complete": False})
+    s.close()
+    with pytest.raises(KDCacheError, match="schema 1.*--overwrite"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, resume=True)

@@ -19,11 +19,13 @@ from kdcache.store.zarr_store import ZarrStore
 
 __all__ = [
     "BLOCK_BYTES", "CHUNK_BYTES", "STORAGE_DTYPES", "plan_blocks", "SCHEMA_VERSION", "Store", "ZarrStore", "HDF5Store", "StoreLock",
-    "chunk_rows", "create_split", "backend_for", "create_store", "open_store", "partial_path", "check_complete", "is_url", "state",
+    "chunk_rows", "create_split", "block_rows_of", "backend_for", "create_store", "open_store", "partial_path", "check_complete", "is_url", "state",
     "publish", "remove_store", "translate_errors",
 ]
 
-SCHEMA_VERSION = 1  # bump when the layout changes; readers refuse stores newer than they know
+SCHEMA_VERSION = 2  # bump when the layout changes; readers refuse stores newer than they know
+# 2: blocks (block_rows, checksums per block, per-writer progress), top-k/int8 arrays. Schema 1 stores
+# still load into memory for training and inspect; what needs blocks asks for a new dump (block_rows_of).
 PARTIAL = ".partial"
 BACKENDS = (ZarrStore, HDF5Store)
 
@@ -175,3 +177,13 @@ def create_split(store: Store, split: str, specs: dict, labels, chunk_bytes: int
     # the progress markers last: a split with block_rows has all its arrays
     store.update_attrs(dict(attrs, layout=layout, rows_written=0, complete=False, checksums={"labels": sums},
                             block_rows=block), group=split)
+
+
+def block_rows_of(store: Store, split: str) -> int:
+    """The split's rows per block; a schema-1 store (written before blocks) is a user error here."""
+    rows = store.get_attrs(split).get("block_rows")
+    if rows is None:
+        raise KDCacheError(f"'{store.path}' was written by an older kdcache (schema {store.get_attrs().get('schema_version')}, "
+                           "before blocks): it can be trained from in memory, but streaming, convert and resume "
+                           "need a store dumped by this version; dump the teacher again")
+    return rows
