@@ -194,8 +194,10 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
             w.abort()
             record.flush()  # the whole blocks converted before the failure: a resume skips them
             raise
-        w.close()
-        record.flush()
+        try:
+            w.close()
+        finally:
+            record.flush()  # also when close raises a write error: the whole blocks before it stay on record
     known = writer.read_progress(out, split, specs, n_blocks)
     missing = n_blocks - len(writer.blocks_done(known, n_blocks))
     assert missing == 0, f"{missing} blocks of {split} were not written"

@@ -271,8 +271,10 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
         raise
     finally:
         bar.close()
-    out.close()
-    record.flush()
+    try:
+        out.close()
+    finally:
+        record.flush()  # also when close raises a write error: the whole blocks before it stay on record
 
 
 def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device) -> int:
