@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 
 import numpy as np
 import torch
 
 from kdcache import store as stores
 from kdcache import writer
-from kdcache.dump import activation_dtype, encode
-from kdcache.encodings import LogitCodec, from_storage, to_storage
+from kdcache.dump import activation_dtype
+from kdcache.encodings import LogitCodec, from_storage, round_float, to_storage
 from kdcache.errors import KDCacheError
 
 __all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
@@ -48,7 +47,7 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
         old = LogitCodec.from_attrs(attrs)
         new = target_codec(old, dtype, topk, src=src)
         with stores.StoreLock(dst):  # one writer per store, as for a dump
-            action = _action(dst, overwrite, resume)
+            action = stores.decide(dst, overwrite=overwrite, resume=resume, what="convert", flag="DST")
             if action == "done":
                 print(f"{dst} is already complete; nothing to resume")
                 return dst
@@ -89,26 +88,11 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
     decoded = old.decode({name: from_storage(arrays[name], dt) for name, (_, dt) in old.arrays().items()})
     if old.topk is not None and new.topk is not None:  # another value dtype: round the first K' values
         k = new.topk
-        return {"logits": to_storage(encode(decoded.values[..., :k], new.dtype), new.arrays()["logits"][1]),
+        return {"logits": to_storage(round_float(decoded.values[..., :k], new.dtype), new.arrays()["logits"][1]),
                 "topk_indices": arrays["topk_indices"][..., :k], "logsumexp": arrays["logsumexp"]}
     if old.topk is not None:  # K == C (target_codec refuses K < C): every logit is there, in top-K order
         decoded = decoded.dense()
     return {name: to_storage(t, new.arrays()[name][1]) for name, t in new.encode(decoded).items()}
-
-
-def _action(dst: str, overwrite: bool, resume: bool) -> str:
-    """create, resume or done; or the user error that stops the convert."""
-    partial = stores.partial_path(dst)
-    if os.path.exists(dst) and not (overwrite or resume):
-        raise KDCacheError(f"output '{dst}' already exists; pass --overwrite to replace it or choose another DST")
-    if os.path.exists(partial) and not (overwrite or resume):
-        raise KDCacheError(f"an interrupted convert exists at '{partial}'; pass --resume to finish it or --overwrite "
-                           "to start over")
-    if resume and not os.path.exists(partial):
-        if os.path.exists(dst):
-            return "done"
-        raise KDCacheError(f"nothing to resume: neither '{partial}' nor '{dst}' exists; run without --resume")
-    return "resume" if resume else "create"
 
 
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
@@ -144,9 +128,7 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
         out.update_attrs({"complete": True})  # written last: only now does DST read as complete
     finally:
         out.close()
-    if os.path.exists(dst):  # --overwrite: the old store goes only once the new one is complete
-        stores.remove_store(dst)
-    os.replace(partial, dst)
+    stores.publish(partial, dst)  # the old store (--overwrite) goes only once the new one is complete
 
 
 def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype: str) -> dict:
@@ -257,7 +239,7 @@ def _cast_activation(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.n
     t = from_storage(values, stores.STORAGE_DTYPES[from_dtype][0])
     if from_dtype == "bfloat16":
         t = t.view(torch.bfloat16)
-    return to_storage(encode(t.float(), to_dtype), stores.STORAGE_DTYPES[to_dtype][0])
+    return to_storage(round_float(t.float(), to_dtype), stores.STORAGE_DTYPES[to_dtype][0])
 
 
 def _check_resumable(out, root_attrs: dict) -> None:
@@ -269,10 +251,6 @@ def _check_resumable(out, root_attrs: dict) -> None:
 
 
 def _check_free_space(dst: str, source, splits: dict) -> None:
-    """Refuse before writing a byte when DST cannot fit (uncompressed size: an upper bound)."""
     need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for specs in splits.values() for shape, dt in specs.values())
     need += sum(8 * source.array(f"{split}/labels").shape[0] for split in splits)
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(dst))).free
-    if need > free:
-        raise KDCacheError(f"'{dst}' needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
-                           "there; free space, choose another DST, or convert to --topk K or --dtype int8 logits")
+    stores.check_room(dst, need, "choose another DST, or convert to --topk K or --dtype int8 logits")

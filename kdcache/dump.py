@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import os
 
 import numpy as np
 import torch
@@ -44,13 +43,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def encode(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A teacher output in the store's dtype, still on its device (halves the copy for fp16)."""
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16)  # stored as uint16 bits; int16 is the same bits
-    return t.to(getattr(torch, dtype))
-
-
 def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     """Run the teacher over every split of `cfg` into a store; return the store's path.
 
@@ -77,7 +69,7 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
 def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
     partial = stores.partial_path(out)
     # 1. what to do: decided by rank 0 alone, so every rank takes the same way (or the same error)
-    action = distributed.on_main(dist, lambda: _action(cfg, out, partial))
+    action = distributed.on_main(dist, lambda: stores.decide(out, overwrite=cfg.overwrite, resume=cfg.resume))
     if action == "done":
         print(f"{out} is already complete; nothing to resume")
         return out
@@ -123,7 +115,9 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
                 store = stores.open_store(partial, read_only=False)
                 _check_resumable(store, root_attrs, splits)
             else:
-                _check_free_space(out, teacher, splits, activations, codec, cfg, device)
+                stores.check_room(out, estimate_bytes(teacher, splits, activations, codec, cfg, device),
+                                  "choose another --out, or store reduced activations (NAME:attention or NAME:pool), "
+                                  "--topk K or --dtype int8 logits")
                 # a URL is its own partial: --overwrite deletes the old store here, before writing, since an
                 # object store has no rename that could keep it until the new one is complete
                 store = stores.create_store(partial)
@@ -147,21 +141,6 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         stores.publish(partial, out)  # the rename into place (replacing an old store); a URL is in place already
     distributed.barrier(dist)  # no rank reports success before the store is in place
     return out
-
-
-def _action(cfg: DumpConfig, out: str, partial: str) -> str:
-    """create, resume or done; or the user error that stops the dump."""
-    state = stores.state(out)  # missing, partial (an interrupted dump at `partial`) or complete
-    if state == "complete" and not (cfg.overwrite or cfg.resume):
-        raise KDCacheError(f"output '{out}' already exists; pass --overwrite to replace it or choose another --out")
-    if state == "partial" and not (cfg.overwrite or cfg.resume):
-        raise KDCacheError(f"an interrupted dump exists at '{partial}'; pass --resume to finish it or --overwrite to start over")
-    if cfg.resume and state != "partial":
-        if state == "complete":
-            return "done"
-        where = f"'{out}' does not exist" if partial == out else f"neither '{partial}' nor '{out}' exists"
-        raise KDCacheError(f"nothing to resume: {where}; run without --resume")
-    return "resume" if cfg.resume else "create"
 
 
 def activation_dtype(dtype: str) -> str:
@@ -254,7 +233,7 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
                     _check_finite(logits.flatten(1), rows[done])
                 batch = {f"{split}/{k}": t for k, t in codec.encode(logits).items()}
                 for name, form in activations:
-                    batch[f"{split}/activations/{name}"] = encode(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
+                    batch[f"{split}/activations/{name}"] = encodings.round_float(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
                                                                   act_dtype)
                 # copies are queued behind the teacher's kernels; the writer waits on the event
                 host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
@@ -286,21 +265,6 @@ def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device)
         total += 8 * len(data)  # labels
         total += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
     return total
-
-
-def _check_free_space(out: str, teacher, splits, activations, codec, cfg: DumpConfig, device) -> None:
-    """Refuse before writing a byte when the store cannot fit: better than ENOSPC hours in."""
-    import shutil
-
-    if stores.is_url(out):
-        return  # an object store reports no free space to check against
-
-    need = estimate_bytes(teacher, splits, activations, codec, cfg, device)
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
-    if need > free:
-        raise KDCacheError(f"the store needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
-                           f"where '{out}' goes; free space, choose another --out, or store reduced activations "
-                           "(NAME:attention or NAME:pool), --topk K or --dtype int8 logits")
 
 
 def _check_finite(logits: torch.Tensor, first_row: int) -> None:

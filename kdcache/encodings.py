@@ -13,7 +13,7 @@ import torch
 
 from kdcache.errors import KDCacheError
 
-__all__ = ["DTYPES", "LogitCodec", "TopK", "from_storage", "index_dtype", "to_storage"]
+__all__ = ["DTYPES", "LogitCodec", "TopK", "from_storage", "index_dtype", "round_float", "to_storage"]
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8 is for dense logits only
 TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16")
@@ -260,13 +260,13 @@ class LogitCodec:
         if self.topk is not None:
             values, indices = x.topk(self.topk, dim=-1, sorted=True)
             return {
-                "logits": _round_float(values, self.dtype),
+                "logits": round_float(values, self.dtype),
                 "topk_indices": _index_bits(indices, index_dtype(self.num_classes)),
                 "logsumexp": torch.logsumexp(x, dim=-1),
             }
         if self.dtype == "int8":
             return _int8_encode(x)
-        return {"logits": _round_float(x, self.dtype)}
+        return {"logits": round_float(x, self.dtype)}
 
     def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor | TopK:
         """Tensors as encode() returns them, or as from_storage() reads them back, any leading shape.
@@ -291,7 +291,8 @@ def _storage_float(dtype: str) -> str:
     return "uint16" if dtype == "bfloat16" else dtype
 
 
-def _round_float(x: torch.Tensor, dtype: str) -> torch.Tensor:
+def round_float(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Floats in storage dtype `dtype`, on their device: bfloat16 as its int16 bits (stored uint16)."""
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16)  # stored as uint16: same bits
     return x.to(getattr(torch, dtype))

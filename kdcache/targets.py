@@ -23,6 +23,11 @@ def decode(values: np.ndarray, encoding: str | None) -> torch.Tensor:
     return t
 
 
+def activation_encoding(attrs: dict) -> str | None:
+    """How a store's activations are kept: bfloat16 as uint16 bits, or as their own dtype."""
+    return "bfloat16-as-uint16" if attrs.get("activation_dtype", attrs.get("dtype")) == "bfloat16" else None
+
+
 def _stored(store, path: str, device) -> torch.Tensor:
     """A whole stored array as a tensor of its storage width (uint16 as int16 bits), on `device`."""
     values = store.read(path)
@@ -47,7 +52,7 @@ class SplitTargets:
         self.attrs = store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
         self.tables = {name: _stored(store, f"{split}/{name}", device) for name in self.codec.arrays()}  # [N, V, ...]
-        act_encoding = "bfloat16-as-uint16" if attrs.get("activation_dtype", attrs.get("dtype")) == "bfloat16" else None
+        act_encoding = activation_encoding(attrs)
         names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
         self.activations = {
             name: decode(store.read(f"{split}/activations/{name}"), act_encoding).to(device)
@@ -117,7 +122,7 @@ class StreamedSplit:
         self.n, self.views = logits.shape[0], logits.shape[1]
         names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
         self.activations = [n for n in names if self._store.has_array(f"{split}/activations/{n}")]
-        self._bf16_activations = attrs.get("activation_dtype", attrs.get("dtype")) == "bfloat16"
+        self._act_encoding = activation_encoding(attrs)
 
     def __len__(self) -> int:
         return self.n
@@ -133,8 +138,8 @@ class StreamedSplit:
         rows = slice(b * self.block_rows, min((b + 1) * self.block_rows, self.n))
         tables = {k: from_storage(self._store.array(f"{self.split}/{k}")[rows], dt).flatten(0, 1)
                   for k, (_, dt) in self.codec.arrays().items()}
-        acts = {n: torch.from_numpy(np.ascontiguousarray(self._store.array(f"{self.split}/activations/{n}")[rows]))
-                .flatten(0, 1) for n in self.activations}
+        acts = {n: decode(self._store.array(f"{self.split}/activations/{n}")[rows], self._act_encoding).flatten(0, 1)
+                for n in self.activations}
         return {"logits": tables, "activations": acts}
 
     def stream(self, sampler) -> "StreamTeacherTargets":
@@ -143,21 +148,15 @@ class StreamedSplit:
         return StreamTeacherTargets(self, StreamTargets(self.load_block, sampler, views=self.views, device=self.device))
 
     def gather(self, rows: torch.Tensor, activations=None) -> dict:
-        """Targets of a few rows in any order, read from their blocks: for probes (adapter shapes),
-        not for training, which gathers through `stream()` in the sampler's order."""
+        """Targets of a few rows in any order, read from their blocks (each once): for probes
+        (adapter shapes), not for training, which gathers through `stream()` in the sampler's order."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
         per_block = self.block_rows * self.views
-        out = {"logits": [], "activations": []}
-        for row in rows.tolist():
-            block = self.load_block(row // per_block)
-            i = row % per_block
-            out["logits"].append({k: t[i : i + 1] for k, t in block["logits"].items()})
-            out["activations"].append({n: t[i : i + 1] for n, t in block["activations"].items()
-                                       if activations is None or n in activations})
-        tables = {k: torch.cat([o[k] for o in out["logits"]]) for k in self.codec.arrays()}
-        acts = {n: torch.cat([o[n] for o in out["activations"]]) for n in (out["activations"][0] if len(rows) else {})}
-        acts = {n: (t.view(torch.bfloat16) if self._bf16_activations else t).float() for n, t in acts.items()}
-        return {"logits": self.codec.decode(tables), "activations": acts}
+        blocks = {b: self.load_block(b) for b in (rows // per_block).unique().tolist()}
+        picked = [_pick(blocks[row // per_block], row % per_block) for row in rows.tolist()]
+        joined = _join(picked)
+        acts = {n: t.float() for n, t in joined["activations"].items() if activations is None or n in activations}
+        return {"logits": self.codec.decode(joined["logits"]), "activations": acts}
 
     def predictions(self) -> torch.Tensor:
         """The teacher's class for every sample's first view, a block at a time."""
@@ -183,12 +182,20 @@ class StreamTeacherTargets:
 
     def gather(self, rows: torch.Tensor, activations=None) -> dict:
         picked = self.stream.gather(rows, activations)
-        acts = {n: (t.view(torch.bfloat16) if self.split._bf16_activations else t).float()
-                for n, t in picked["activations"].items()}
+        acts = {n: t.float() for n, t in picked["activations"].items()}  # bfloat16 already viewed by load_block
         return {"logits": self.split.codec.decode(picked["logits"]), "activations": acts}
 
     def close(self) -> None:
         self.stream.close()
+
+
+def _pick(block: dict, i: int) -> dict:
+    """Row i of a block's nested arrays, as [1, ...] tensors."""
+    return {group: {k: t[i : i + 1] for k, t in arrays.items()} for group, arrays in block.items()}
+
+
+def _join(rows: list) -> dict:
+    return {group: {k: torch.cat([r[group][k] for r in rows]) for k in rows[0][group]} for group in rows[0]}
 
 
 def available_memory() -> int:

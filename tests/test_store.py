@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdcache import store as stores
-from kdcache.dump import encode
+from kdcache.encodings import round_float as encode
 from kdcache.errors import KDCacheError
 from kdcache.targets import decode
 

@@ -20,7 +20,7 @@ from kdcache.store.zarr_store import ZarrStore
 __all__ = [
     "BLOCK_BYTES", "CHUNK_BYTES", "STORAGE_DTYPES", "plan_blocks", "SCHEMA_VERSION", "Store", "ZarrStore", "HDF5Store", "StoreLock",
     "chunk_rows", "create_split", "block_rows_of", "backend_for", "create_store", "open_store", "partial_path", "check_complete", "is_url", "state",
-    "publish", "remove_store", "translate_errors",
+    "decide", "check_room", "publish", "remove_store", "translate_errors",
 ]
 
 SCHEMA_VERSION = 2  # bump when the layout changes; readers refuse stores newer than they know
@@ -125,6 +125,39 @@ def state(path: str) -> str:
             return "complete" if store.get_attrs().get("complete") else "partial"
     except (OSError, ValueError, KeyError):  # objects there but no root zarr.json yet: killed at the start
         return "partial"
+
+
+def decide(path: str, *, overwrite: bool, resume: bool, what: str = "dump", flag: str = "--out") -> str:
+    """What a job writing a store at `path` does: "create", "resume" or "done" (resuming a store
+    that is complete already); or the user error that stops it (`what` names the job, `flag` the
+    option that chose `path`). Shared by dump-teacher and convert."""
+    found = state(path)  # missing, partial (an interrupted job at partial_path) or complete
+    partial = partial_path(path)
+    if found == "complete" and not (overwrite or resume):
+        raise KDCacheError(f"output '{path}' already exists; pass --overwrite to replace it or choose another {flag}")
+    if found == "partial" and not (overwrite or resume):
+        raise KDCacheError(f"an interrupted {what} exists at '{partial}'; pass --resume to finish it or --overwrite "
+                           "to start over")
+    if resume and found != "partial":
+        if found == "complete":
+            return "done"
+        where = f"'{path}' does not exist" if partial == path else f"neither '{partial}' nor '{path}' exists"
+        raise KDCacheError(f"nothing to resume: {where}; run without --resume")
+    return "resume" if resume else "create"
+
+
+def check_room(path: str, need: int, fix: str) -> None:
+    """Refuse before writing a byte when `need` bytes (uncompressed: an upper bound) do not fit
+    where `path` goes: better than ENOSPC hours in. `fix` ends the message. Skipped for URLs: an
+    object store reports no free space to check against."""
+    import shutil
+
+    if is_url(path):
+        return
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if need > free:
+        raise KDCacheError(f"'{path}' needs up to {need / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB is free "
+                           f"there; free space, {fix}")
 
 
 def publish(partial: str, path: str) -> None:
