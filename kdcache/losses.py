@@ -4,8 +4,11 @@ The trainer picks them by name from LOGIT_LOSSES / FEATURE_LOSSES and combines a
 """
 
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # Every loss returns a scalar tensor. Teacher arguments are targets: cached tensors carry no grad,
 # and a caller with a live teacher (mutual learning) passes it detached. Teacher tensors are cast
@@ -246,43 +249,61 @@ def rkd(fs, ft, distance_weight=25.0, angle_weight=50.0):
         L_D = mean over all B*B (i, j) of smooth_l1(d^s_ij / mu_s, d^t_ij / mu_t),
               mu = mean of d_ij over i != j;
         L_A = mean over all B^3 (i, j, k) of smooth_l1(cos^s_ijk, cos^t_ijk),
-              cos_ijk = <f_i - f_j, f_k - f_j> / (d_ij d_kj), 0 where i = j or k = j.
-    smooth_l1 has beta = 1. Both are computed from the Gram matrix of batch-centred features: the
-    official code builds the [B, B, D] difference tensor, which for a flattened [B, C*H*W] map is
-    gigabytes; centring (distances and angles are translation invariant) limits the cancellation
-    the Gram route otherwise suffers when samples are close. Shapes: fs [B, ...], ft [B, ...];
-    only the batch size must match (B >= 2). Returns a scalar.
+              cos_ijk = <e_ij, e_kj>, e_ij = (f_i - f_j) / d_ij (anchor j), 0 where i = j or k = j.
+    smooth_l1 has beta = 1. Distances and angles both come from explicit differences f_i - f_j,
+    never from a Gram matrix, whose <f_i, f_k> - <f_i, f_j> - ... cancels for two near-identical
+    samples (a duplicated image, a replayed view: it gave cosines of ~5e8). Two identical samples
+    have no direction: e_ij = 0 and their cosines are 0, as the official F.normalize gives; a batch
+    of identical samples has mu = 0 and normalised distances 0. Gradients stay finite at d = 0.
+    Shapes: fs [B, ...], ft [B, ...]; only the batch size must match (B >= 2). Returns a scalar.
     """
     f_s, f_t = _flat_pair("rkd", fs, ft)
     if f_s.shape[0] < 2:
         raise ValueError("rkd compares samples within a batch, so it needs a batch of at least 2")
-    d_s, cos_s = _distances_and_angles(f_s)
-    d_t, cos_t = _distances_and_angles(f_t)
-    distance = F.smooth_l1_loss(d_s, d_t)
-    angle = F.smooth_l1_loss(cos_s, cos_t)
-    return distance_weight * distance + angle_weight * angle
+    distance = F.smooth_l1_loss(_normalised_distances(f_s), _normalised_distances(f_t))
+    return distance_weight * distance + angle_weight * _angle_loss(f_s, f_t)
 
 
-def _distances_and_angles(f):
-    """Mean-normalised distances [B, B] and angle cosines [B, B, B] (anchor j in the middle)."""
-    b = f.shape[0]
-    f = f - f.mean(dim=0, keepdim=True)
-    gram = f @ f.t()
-    sq_norm = gram.diagonal()
-    sq_dist = sq_norm[:, None] + sq_norm[None, :] - 2.0 * gram
-    eye = torch.eye(b, dtype=torch.bool, device=f.device)
-    # the clamp keeps sqrt's gradient finite at zero distance, as the official pdist does
-    dist = sq_dist.clamp(min=1e-12).sqrt().masked_fill(eye, 0.0)
-    off_diag = ~eye
-    dist_normed = dist / dist[off_diag].mean()
+def _normalised_distances(f):
+    """d_ij / mu [B, B] for f [B, D], mu the mean of d_ij over i != j."""
+    # cdist's default mode takes the Gram route above 25 rows, which cancels for close samples;
+    # this mode subtracts, and its backward gives 0 (not NaN) at d = 0: the diagonal, duplicates
+    d = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
+    off_diagonal = ~torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
+    return d / d[off_diagonal].mean().clamp(min=torch.finfo(d.dtype).tiny)
 
-    # <f_i - f_j, f_k - f_j> = G_ik - G_ij - G_jk + G_jj, laid out as [i, j, k]
-    inner = gram[:, None, :] - gram[:, :, None] - gram[None, :, :] + sq_norm[None, :, None]
-    safe = dist.masked_fill(eye, 1.0)  # i = j terms are masked below; avoid dividing by ~0
-    cos = inner / (safe[:, :, None] * safe.t()[None, :, :])
-    degenerate = eye[:, :, None] | eye.t()[None, :, :]  # i = j or k = j
-    cos = cos.masked_fill(degenerate, 0.0)
-    return dist_normed, cos
+
+_RKD_BLOCK_ELEMENTS = 1 << 23  # elements of one [anchors, B, D] block of the angle term: 32 MiB in float32
+
+
+def _angle_loss(f_s, f_t):
+    """L_A for f_s [B, D_s], f_t [B, D_t]: the mean of smooth_l1(cos^s_ijk, cos^t_ijk) over i, j, k."""
+    # The differences for every anchor at once, as the official code builds them, are a [B, B, D]
+    # tensor: 1 GiB in float32 for B = 128 and a flattened 256x8x8 map, and autograd keeps several
+    # (differences and their unit vectors). So the anchors j go in blocks of [J, B, D], and with
+    # more than one block each is recomputed in backward (checkpoint) instead of kept for it:
+    # memory stays O(J*B*D + J*B^2) per block, O(B*D + B^2) with J = 1.
+    b = f_s.shape[0]
+    per_block = max(1, _RKD_BLOCK_ELEMENTS // (b * max(f_s.shape[1], f_t.shape[1], b)))
+    blocks = [(j, min(b, j + per_block)) for j in range(0, b, per_block)]
+    run = _angle_block
+    if len(blocks) > 1 and torch.is_grad_enabled() and (f_s.requires_grad or f_t.requires_grad):
+        run = functools.partial(checkpoint, _angle_block, use_reentrant=False, preserve_rng_state=False)
+    return sum(run(f_s, f_t, start, stop) for start, stop in blocks) / b**3
+
+
+def _angle_block(f_s, f_t, start, stop):
+    """Sum of smooth_l1(cos^s_ijk, cos^t_ijk) over the anchors j in [start, stop) and all i, k."""
+    return F.smooth_l1_loss(_cosines(f_s, start, stop), _cosines(f_t, start, stop), reduction="sum")
+
+
+def _cosines(f, start, stop):
+    """cos_ijk = <e_ij, e_kj> for the anchors j in [start, stop), laid out [j, i, k]: [J, B, B]."""
+    diff = f.unsqueeze(0) - f[start:stop].unsqueeze(1)  # [J, B, D]: f_i - f_j
+    norm = torch.linalg.vector_norm(diff, dim=2, keepdim=True)
+    # i = j, or an exact duplicate, is a zero difference: e = 0 / 1 = 0, so its cosines are 0
+    e = diff / norm.masked_fill(norm == 0, 1.0)
+    return e @ e.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -349,6 +349,61 @@ def test_rkd_gradient_is_finite_with_duplicate_samples():
     assert torch.isfinite(fs.grad).all()
 
 
+def torch_rkd_reference(fs, ft, wd=25.0, wa=50.0):
+    """The paper's RKD in float64, vectorised as its official code writes the angles ([B, B, D]
+    differences, F.normalize, bmm; anchor first) and with the distances from explicit differences."""
+
+    def parts(x):
+        f = x.reshape(len(x), -1).double()
+        diff = f.unsqueeze(0) - f.unsqueeze(1)  # [a, b] = f_b - f_a
+        d = diff.norm(dim=2)
+        mu = d[~torch.eye(len(f), dtype=torch.bool)].mean()
+        e = torch.nn.functional.normalize(diff, p=2, dim=2)
+        return d / mu, torch.bmm(e, e.transpose(1, 2))
+
+    (ds, cs), (dt, ct) = parts(fs), parts(ft)
+    smooth_l1 = torch.nn.functional.smooth_l1_loss
+    return wd * smooth_l1(ds, dt) + wa * smooth_l1(cs, ct)
+
+
+def near_duplicate_batch(seed, b=6, d=8):
+    """A float32 batch whose rows 0 and 1 differ by about 1e-6 relative (a duplicated image)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(b, d))
+    x[1] = x[0] * (1 + 1e-6 * rng.normal(size=d))
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_rkd_of_a_near_duplicate_pair_matches_the_float64_paper_formulation():
+    # the Gram-matrix route cancelled here: cosines of ~5e8 and a loss ~1e4 times too large
+    fs, ft = near_duplicate_batch(1), near_duplicate_batch(2)
+    fs.requires_grad_()
+    loss = losses.rkd(fs, ft)
+    expected = np_rkd(fs.detach().double().numpy(), ft.double().numpy(), 25.0, 50.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    f64 = fs.detach().double().requires_grad_()
+    torch_rkd_reference(f64, ft.double()).backward()
+    assert f64.grad.abs().max() > 1e3  # the pair's direction is steep in its rows: 1 / d_01
+    torch.testing.assert_close(fs.grad.double(), f64.grad, rtol=1e-5, atol=1e-5 * f64.grad.abs().max().item())
+
+
+def test_rkd_in_blocks_of_one_anchor_is_the_same_and_keeps_no_b_by_b_by_d_tensor(monkeypatch):
+    fs, ft = near_duplicate_batch(3, b=5, d=64), near_duplicate_batch(4, b=5, d=48)
+    fs.requires_grad_()
+    whole = losses.rkd(fs, ft)
+    (whole_grad,) = torch.autograd.grad(whole, fs)
+    # as if D were large: each anchor is a block of its own, recomputed in backward
+    monkeypatch.setattr(losses, "_RKD_BLOCK_ELEMENTS", 1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        blocked = losses.rkd(fs, ft)
+    (blocked_grad,) = torch.autograd.grad(blocked, fs)
+    assert blocked.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(blocked_grad, whole_grad, rtol=1e-5, atol=1e-5 * whole_grad.abs().max().item())
+    assert max(saved) <= 5 * 64  # nothing bigger than the [B, D] input is kept for backward
+
+
 def test_losses_return_scalars_and_flow_gradient_to_the_student():
     for name, fn in losses.FEATURE_LOSSES.items():
         fs = t64(FS).requires_grad_()
