@@ -13,6 +13,11 @@ from torch.utils.checkpoint import checkpoint
 # Every loss returns a scalar tensor. Teacher arguments are targets: cached tensors carry no grad,
 # and a caller with a live teacher (mutual learning) passes it detached. Teacher tensors are cast
 # to the student's dtype because caches often hold float16 while students train in float32.
+#
+# A teacher logit of -inf rules its class out: probability 0, legal in KL (0 log 0 = 0). The KL
+# losses (soft_target, mutual, dkd and its NKD form) give such a class 0 loss and the student 0
+# gradient on it; a teacher row with every logit -inf, a NaN or a +inf has no distribution and is
+# a ValueError, as is any non-finite teacher logit in the regression loss `logits`.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,24 +31,30 @@ def soft_target(student_logits, teacher_logits, T=4.0):
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS DL workshop 2015.
     The T^2 factor keeps the gradient's size independent of T:
     d/ds = T * (softmax(s/T) - softmax(t/T)) / B.
+    A teacher logit of -inf (a class ruled out) is teacher probability 0: that class adds 0 to the
+    KL and the loss and its gradient stay finite (the gradient formula above holds with p_t = 0).
+    A teacher row whose logits are all -inf, or that holds NaN or +inf, raises ValueError.
     Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
     """
-    _same_shape("soft_target", student_logits, teacher_logits)
-    teacher_logits = teacher_logits.to(student_logits.dtype)
-    log_ps = F.log_softmax(student_logits / T, dim=1)
-    log_pt = F.log_softmax(teacher_logits / T, dim=1)
-    # log_target avoids log(0) for classes the teacher rules out entirely
-    return T * T * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+    return _tempered_kl("soft_target", student_logits, teacher_logits, T)
 
 
 def logits(student_logits, teacher_logits):
     """Logit regression: mean over all B*C entries of (s - t)^2.
 
     Ba & Caruana, "Do Deep Nets Really Need to be Deep?", NIPS 2014.
+    A non-finite teacher logit (-inf for a ruled-out class, +inf, NaN) has no finite regression
+    target, so it raises ValueError; soft_target handles -inf as probability 0.
     Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
     """
     _same_shape("logits", student_logits, teacher_logits)
-    return F.mse_loss(student_logits, teacher_logits.to(student_logits.dtype))
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    if not bool(torch.isfinite(teacher_logits).all()):
+        raise ValueError(
+            "logits: teacher logits hold -inf, +inf or NaN, and regressing onto an infinite target is "
+            "undefined; use soft_target (or mutual, dkd, nkd), where a -inf logit is a class of probability 0"
+        )
+    return F.mse_loss(student_logits, teacher_logits)
 
 
 def mutual(student_logits, teacher_logits):
@@ -51,9 +62,49 @@ def mutual(student_logits, teacher_logits):
 
     Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018. With a live peer network,
     pass its logits detached: each peer learns from the other's prediction as a fixed target.
+    -inf teacher logits as in soft_target: probability 0, adding 0 to the loss.
     Shapes: student_logits, teacher_logits [B, C]; returns a scalar.
     """
-    return soft_target(student_logits, teacher_logits, T=1.0)
+    return _tempered_kl("mutual", student_logits, teacher_logits, 1.0)
+
+
+def _tempered_kl(loss, student_logits, teacher_logits, T):
+    _same_shape(loss, student_logits, teacher_logits)
+    teacher_logits = _checked_teacher(loss, teacher_logits.to(student_logits.dtype))
+    log_ps = F.log_softmax(student_logits / T, dim=1)
+    log_pt = F.log_softmax(teacher_logits / T, dim=1)
+    return T * T * _kl_rows(log_pt, log_ps).mean()
+
+
+def _kl_rows(log_p, log_q):
+    """KL(p || q) per row [B] from log-probabilities [B, C]; a class with p = 0 adds exactly 0."""
+    # F.kl_div computes 0 * (-inf - log q) = NaN for a ruled-out class; zeroing both logs there
+    # gives 0 * 0, and masked_fill passes no gradient, so neither side gets a NaN
+    p = log_p.exp()
+    absent = p == 0
+    return (p * (log_p.masked_fill(absent, 0.0) - log_q.masked_fill(absent, 0.0))).sum(dim=1)
+
+
+def _checked_teacher(loss, teacher_logits):
+    """The teacher logits [B, C] as they are; ValueError for a row with no distribution."""
+    # one host sync per call; the common all-finite case needs nothing more
+    if bool(torch.isfinite(teacher_logits).all()):
+        return teacher_logits
+    bad = torch.isnan(teacher_logits) | torch.isposinf(teacher_logits)
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"{loss}: teacher row {row} holds NaN or +inf (in {teacher_logits.dtype}); only -inf, a class "
+            f"ruled out, is allowed: re-dump the teacher or drop the row"
+        )
+    empty = torch.isneginf(teacher_logits).all(dim=1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0])
+        raise ValueError(
+            f"{loss}: teacher row {row} has every logit -inf, which rules out every class and is no "
+            f"distribution; give at least one class a finite logit or drop the row"
+        )
+    return teacher_logits
 
 
 def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0, normalize=False):
@@ -64,8 +115,9 @@ def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0, norm
     b = [p_g, 1 - p_g]:
         TCKD = T^2 * mean_batch KL(b_teacher || b_student)
         NCKD = T^2 * mean_batch KL(p^_teacher || p^_student),
-    where p^ = softmax(z/T - 1000 * onehot(g)) is the distribution over the non-target classes
-    (the target logit is pushed down by 1000, which makes its probability exactly 0). Plain KD
+    where p^ is softmax(z/T) over the non-target classes, 0 at g (the official code pushes the
+    target logit down by 1000; here it is masked to -inf, which is the same unless the target's
+    z/T leads every other class by more than ~250, where -1000 leaves it a share). Plain KD
     equals TCKD + (1 - p_g_teacher) * NCKD; DKD drops that weight so NCKD no longer depends on
     the teacher's target probability. The paper's CIFAR recipe is alpha=1, beta=8, T=4.
 
@@ -79,11 +131,19 @@ def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0, norm
     the paper, so the value is not 0 when student equals teacher; the gradient is that of the
     KL form. The paper's recipe is alpha=1, beta=1.5, T=1.
 
+    -inf teacher logits (ruled-out classes, probability 0), in both forms: a class of teacher
+    probability 0 adds 0 to every term, so the loss and the student's gradient stay finite and
+    equal the float64 formulas above with 0 log 0 = 0. A -inf target logit is p_g = q_g = 0:
+    b_teacher = [0, 1], and NKD's target term is 0. A teacher whose non-target logits are all -inf
+    (the target holds all the mass) has no non-target distribution: that row's NCKD, and its NKD
+    non-target term, is 0 (the sum over an empty set of classes). A teacher row with every logit
+    -inf, or holding NaN or +inf, raises ValueError.
+
     Shapes: student_logits, teacher_logits [B, C] (C >= 2); target [B] class indices.
     Returns a scalar.
     """
     _same_shape("dkd", student_logits, teacher_logits)
-    teacher_logits = teacher_logits.to(student_logits.dtype)
+    teacher_logits = _checked_teacher("nkd" if normalize else "dkd", teacher_logits.to(student_logits.dtype))
     if target.shape != student_logits.shape[:1]:
         raise ValueError(
             f"dkd: target {tuple(target.shape)} should hold one class index per sample, "
@@ -96,20 +156,32 @@ def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0, norm
         qt = F.softmax(teacher_logits, dim=1)[gt]
         target_term = -(qt * log_qs).mean()
         log_ps_nt = _non_target_log_softmax(student_logits / T, gt)
-        pt_nt = _non_target_log_softmax(teacher_logits / T, gt).exp()
-        non_target_term = -(pt_nt * log_ps_nt).sum(dim=1).mean()
+        log_pt_nt = _non_target_log_softmax(teacher_logits / T, gt)
+        non_target_term = _cross_entropy_rows(log_pt_nt, log_ps_nt).mean()
         return alpha * target_term + beta * T * T * non_target_term
 
     tckd = T * T * _binary_kl(teacher_logits / T, student_logits / T, gt)
     log_ps_nt = _non_target_log_softmax(student_logits / T, gt)
     log_pt_nt = _non_target_log_softmax(teacher_logits / T, gt)
-    nckd = T * T * F.kl_div(log_ps_nt, log_pt_nt, reduction="batchmean", log_target=True)
+    nckd = T * T * _kl_rows(log_pt_nt, log_ps_nt).mean()
     return alpha * tckd + beta * nckd
 
 
 def _non_target_log_softmax(z, gt):
-    # the official code's mask: -1000 rather than -inf, since -inf turns 0 * (-inf - -inf) into NaN
-    return F.log_softmax(z - 1000.0 * gt.to(z.dtype), dim=1)
+    """log p^ [B, C]: log-softmax over the non-target classes, -inf at the target g.
+
+    A row whose non-target logits are all -inf comes back -inf throughout (p^ = 0 everywhere), so
+    it adds 0 to a KL or cross-entropy rather than the NaN of a softmax over nothing.
+    """
+    z = z.masked_fill(gt, float("-inf"))
+    empty = torch.isneginf(z).all(dim=1, keepdim=True)
+    return F.log_softmax(z.masked_fill(empty, 0.0), dim=1).masked_fill(empty, float("-inf"))
+
+
+def _cross_entropy_rows(log_p, log_q):
+    """-sum p log q per row [B] from log-probabilities [B, C]; a class with p = 0 adds exactly 0."""
+    p = log_p.exp()
+    return -(p * log_q.masked_fill(p == 0, 0.0)).sum(dim=1)
 
 
 def _binary_kl(zt, zs, gt):
@@ -122,7 +194,7 @@ def _binary_kl(zt, zs, gt):
         log_rest = torch.logsumexp(z.masked_fill(gt, float("-inf")), dim=1) - log_all
         return torch.stack([log_g, log_rest], dim=1)
 
-    return F.kl_div(log_binary(zs), log_binary(zt), reduction="batchmean", log_target=True)
+    return _kl_rows(log_binary(zt), log_binary(zs)).mean()
 
 
 # ---------------------------------------------------------------------------------------------

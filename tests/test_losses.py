@@ -86,8 +86,22 @@ def np_tckd_nckd(s, t, g, T):
     ps, pt = np_softmax(s / T), np_softmax(t / T)
     tckd = np_kl([pt[g], 1 - pt[g]], [ps[g], 1 - ps[g]])
     keep = [i for i in range(len(s)) if i != g]
-    nckd = np_kl(pt[keep] / pt[keep].sum(), ps[keep] / ps[keep].sum())
+    rest = pt[keep].sum()
+    # a teacher with no non-target mass has no non-target distribution: NCKD is an empty sum, 0
+    nckd = np_kl(pt[keep] / rest, ps[keep] / ps[keep].sum()) if rest > 0 else 0.0
     return tckd, nckd
+
+
+def np_nkd(s, t, g, alpha, beta, T):
+    """Per-sample NKD: alpha * CE of the target class at T = 1 + beta * T^2 * CE of the non-target
+    distributions at T; terms of teacher probability 0 (and an empty non-target set) add 0."""
+    target_term = -np_softmax(t)[g] * math.log(np_softmax(s)[g])
+    keep = [i for i in range(len(s)) if i != g]
+    rest = t[keep] / T
+    pt = np_softmax(rest) if np.isfinite(rest).any() else np.zeros(len(keep))
+    ps = np_softmax(s[keep] / T)
+    non_target_term = -sum(a * math.log(b) for a, b in zip(pt, ps) if a > 0)
+    return alpha * target_term + beta * T * T * non_target_term
 
 
 def test_dkd_is_alpha_tckd_plus_beta_nckd_each_T2_scaled():
@@ -138,14 +152,7 @@ def test_dkd_stays_finite_when_the_teacher_is_certain_in_float32():
 
 def test_dkd_normalize_is_the_nkd_loss():
     alpha, beta, T = 1.0, 1.5, 2.0
-    expected = 0.0
-    for s, t, g in zip(S, TT, Y):
-        target_term = -np_softmax(t)[g] * math.log(np_softmax(s)[g])
-        keep = [i for i in range(len(s)) if i != g]
-        pt, ps = np_softmax(t[keep] / T), np_softmax(s[keep] / T)
-        non_target_term = -sum(a * math.log(b) for a, b in zip(pt, ps))
-        expected += alpha * target_term + beta * T * T * non_target_term
-    expected /= len(S)
+    expected = sum(np_nkd(s, t, g, alpha, beta, T) for s, t, g in zip(S, TT, Y)) / len(S)
     got = losses.dkd(t64(S), t64(TT), torch.tensor(Y), alpha=alpha, beta=beta, T=T, normalize=True)
     assert got.item() == pytest.approx(expected, rel=1e-9)
 
@@ -157,6 +164,92 @@ def test_dkd_normalize_non_target_term_ignores_the_teachers_target_logit():
     a = losses.dkd(t64(S), t64(TT), y, alpha=0.0, beta=1.0, normalize=True)
     b = losses.dkd(t64(S), t64(t2), y, alpha=0.0, beta=1.0, normalize=True)
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- -inf teacher logits
+
+NEG = float("-inf")
+# TT with ruled-out classes: row 0 a non-target class, row 1 its target class (Y[1] = 3), row 2
+# every class but its target (Y[2] = 0), a teacher that is certain
+TT_OUT = TT.copy()
+TT_OUT[0, 2] = NEG
+TT_OUT[1, 3] = NEG
+TT_OUT[2, 1:] = NEG
+
+
+def np_logit_loss(name, T=2.0):
+    """The float64 reference of each KL loss on S and TT_OUT; a class of teacher probability 0 adds 0."""
+    per_sample = {
+        "soft_target": lambda s, t, g: T * T * np_kl(np_softmax(t / T), np_softmax(s / T)),
+        "mutual": lambda s, t, g: np_kl(np_softmax(t), np_softmax(s)),
+        "dkd": lambda s, t, g: T * T * (1.5 * np_tckd_nckd(s, t, g, T)[0] + 2.0 * np_tckd_nckd(s, t, g, T)[1]),
+        "nkd": lambda s, t, g: np_nkd(s, t, g, 1.5, 2.0, T),
+    }[name]
+    return sum(per_sample(s, t, g) for s, t, g in zip(S, TT_OUT, Y)) / len(S)
+
+
+def logit_loss(name, s, t, T=2.0):
+    return {
+        "soft_target": lambda: losses.soft_target(s, t, T=T),
+        "mutual": lambda: losses.mutual(s, t),
+        "dkd": lambda: losses.dkd(s, t, torch.tensor(Y), alpha=1.5, beta=2.0, T=T),
+        "nkd": lambda: losses.dkd(s, t, torch.tensor(Y), alpha=1.5, beta=2.0, T=T, normalize=True),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["soft_target", "mutual", "dkd", "nkd"])
+def test_a_ruled_out_teacher_class_adds_nothing_and_the_gradient_stays_finite(name):
+    expected = np_logit_loss(name)
+    assert math.isfinite(expected)
+    s = t64(S).requires_grad_()
+    got = logit_loss(name, s, t64(TT_OUT))
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    got.backward()
+    assert torch.isfinite(s.grad).all()
+    # the cached route: a float16 teacher under a float32 student
+    s32 = torch.tensor(S, dtype=torch.float32, requires_grad=True)
+    got32 = logit_loss(name, s32, torch.tensor(TT_OUT, dtype=torch.float16))
+    assert got32.item() == pytest.approx(expected, rel=1e-5)
+    got32.backward()
+    assert torch.isfinite(s32.grad).all()
+
+
+def test_soft_target_with_ruled_out_classes_is_finite_and_its_gradient_the_gap_to_probability_0():
+    T = 2.0
+    s = t64(S).requires_grad_()
+    loss = losses.soft_target(s, t64(TT_OUT), T=T)
+    assert torch.isfinite(loss)
+    loss.backward()
+    gap = [np_softmax(a / T) - np_softmax(b / T) for a, b in zip(S, TT_OUT)]
+    np.testing.assert_allclose(s.grad.numpy(), T * np.stack(gap) / len(S), **TOL)
+
+
+def test_dkd_with_a_certain_teacher_has_no_non_target_term():
+    # row 2 of TT_OUT puts all its mass on the target: only TCKD (and NKD's target term) is left
+    s, t, y = t64(S[2:]), t64(TT_OUT[2:]), torch.tensor(Y[2:])
+    tckd_only = losses.dkd(s, t, y, alpha=1.0, beta=0.0)
+    assert losses.dkd(s, t, y, alpha=1.0, beta=8.0).item() == pytest.approx(tckd_only.item(), rel=1e-12)
+    target_only = losses.dkd(s, t, y, alpha=1.0, beta=0.0, normalize=True)
+    assert losses.dkd(s, t, y, alpha=1.0, beta=1.5, normalize=True).item() == pytest.approx(target_only.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["soft_target", "mutual", "dkd", "nkd"])
+@pytest.mark.parametrize("row,match", [([NEG] * 4, "every logit -inf"),
+                                       ([1.0, float("nan"), 0.0, 0.0], r"NaN or \+inf"),
+                                       ([1.0, float("inf"), 0.0, 0.0], r"NaN or \+inf")])
+def test_a_teacher_row_without_a_distribution_is_refused(name, row, match):
+    t = TT.copy()
+    t[1] = row
+    with pytest.raises(ValueError, match=f"{name}: teacher row 1 .*{match}"):
+        logit_loss(name, t64(S), t64(t))
+
+
+def test_logit_regression_refuses_a_non_finite_teacher_and_points_at_soft_target():
+    for bad in (NEG, float("inf"), float("nan")):
+        t = TT.copy()
+        t[0, 1] = bad
+        with pytest.raises(ValueError, match="logits: .*use soft_target"):
+            losses.logits(t64(S), t64(t))
 
 
 def test_kd_objective_interpolates_cross_entropy_and_soft_target():
