@@ -14,7 +14,7 @@ import torch
 from kdcache import store as stores
 from kdcache import writer
 from kdcache.dump import activation_dtype
-from kdcache.encodings import LogitCodec, from_storage, round_float, to_storage
+from kdcache.encodings import LogitCodec, from_storage, recode_topk, round_float, to_storage
 from kdcache.errors import KDCacheError
 
 __all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
@@ -76,23 +76,21 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
     """One piece of rows of SRC's logit arrays {name: [R, V, ...] as stored} -> DST's, as stored.
 
     The same codec copies the arrays bit for bit (int8 decoded and quantized again could move);
-    top-K -> top-K' (K' <= K) keeps the first K' of the sorted values and indices and the same
-    logsumexp, exactly; everything else is decoded to float32 and encoded by `new`, as a dump would.
+    top-K -> top-K' (K' <= K) keeps the first K' classes and the logsumexp and grows the exact
+    tail by the classes dropped (encodings.recode_topk); everything else is decoded to float32 and
+    encoded by `new`, as a dump would (so the tail of a dense SRC is exact to SRC's precision).
     """
     if old == new:
         return arrays
-    if old.topk is not None and new.topk is not None and old.dtype == new.dtype:
-        k = new.topk
-        return {"logits": arrays["logits"][..., :k], "topk_indices": arrays["topk_indices"][..., :k],
-                "logsumexp": arrays["logsumexp"]}
-    decoded = old.decode({name: from_storage(arrays[name], dt) for name, (_, dt) in old.arrays().items()})
-    if old.topk is not None and new.topk is not None:  # another value dtype: round the first K' values
-        k = new.topk
-        return {"logits": to_storage(round_float(decoded.values[..., :k], new.dtype), new.arrays()["logits"][1]),
-                "topk_indices": arrays["topk_indices"][..., :k], "logsumexp": arrays["logsumexp"]}
-    if old.topk is not None:  # K == C (target_codec refuses K < C): every logit is there, in top-K order
-        decoded = decoded.dense()
-    return {name: to_storage(t, new.arrays()[name][1]) for name, t in new.encode(decoded).items()}
+    tensors = {name: from_storage(arrays[name], dt) for name, (_, dt) in old.arrays().items()}
+    if old.topk is not None and new.topk is not None:
+        recoded = recode_topk(old, new, tensors)
+    else:
+        decoded = old.decode(tensors)
+        if old.topk is not None:  # K == C (target_codec refuses K < C): every logit is there, in top-K order
+            decoded = decoded.dense()
+        recoded = new.encode(decoded)
+    return {name: to_storage(t, new.arrays()[name][1]) for name, t in recoded.items()}
 
 
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,

@@ -105,6 +105,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         "views": cfg.views,
         "augment": augment.dump_attrs(cfg),  # how views were made (None: one clean view per sample)
         "activations": {name: {"form": form} for name, form in activations},
+        "autocast": _dtype_name(autocast_dtype(cfg, device)),  # the precision the teacher ran in (None: float32)
         "config": as_dict(cfg),
     }
 
@@ -141,6 +142,26 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         stores.publish(partial, out)  # the rename into place (replacing an old store); a URL is in place already
     distributed.barrier(dist)  # no rank reports success before the store is in place
     return out
+
+
+def autocast_dtype(cfg: DumpConfig, device: torch.device) -> torch.dtype | None:
+    """The CUDA autocast dtype of the teacher's forward, or None for full precision.
+
+    Default (--amp unset): autocast only when the store rounds anyway, so a float32 store holds
+    float32-accurate logits ("an fp32 cache equals online KD" also on a GPU); bfloat16 stores get
+    bfloat16 autocast (float16's range is narrower: logits above 65504 would overflow). On the CPU
+    the teacher always runs in float32.
+    """
+    if device.type != "cuda":
+        return None
+    amp = cfg.amp if cfg.amp is not None else cfg.dtype != "float32"
+    if not amp:
+        return None
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def activation_dtype(dtype: str) -> str:
@@ -214,6 +235,7 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     out = writer.BlockWriter(arrays, block_rows=block, blocks=todo, on_block=record.record)
     rows = [i for b in todo for i in range(b * block, min((b + 1) * block, n))]
     cuda = device.type == "cuda"
+    amp = autocast_dtype(cfg, device)
     # --batch-size counts teacher inputs: B // V samples of V views each
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
                                          shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
@@ -223,18 +245,27 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     names = [name for name, _ in activations]
     act_dtype = activation_dtype(cfg.dtype)
     try:
-        with torch.inference_mode(), torch.autocast("cuda", enabled=cuda), capture(teacher, names) as acts:
+        with (torch.inference_mode(), torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
+              capture(teacher, names) as acts):
             done = 0
             for x, view_records in loader:
                 b, v = x.shape[:2]
                 x = x.to(device, non_blocking=True).flatten(0, 1)  # [B * V, C, H, W]: every view in one teacher batch
                 logits = teacher(x).float().unflatten(0, (b, v))  # [B, V, C]
+                batch = {}
+                # checked after rounding, in network order (the earliest bad value is the clue): a finite
+                # value that the stored dtype makes inf would turn training's losses into NaN
+                for name, form in activations:
+                    act = REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v))
+                    if not cfg.allow_nonfinite:
+                        _check_finite(act.flatten(1), rows[done], f"activation {name}")
+                    _check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
+                    batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
                 if not cfg.allow_nonfinite:
                     _check_finite(logits.flatten(1), rows[done])
-                batch = {f"{split}/{k}": t for k, t in codec.encode(logits).items()}
-                for name, form in activations:
-                    batch[f"{split}/activations/{name}"] = encodings.round_float(REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v)),
-                                                                  act_dtype)
+                encoded = codec.encode(logits)
+                _check_stored("logits", logits.flatten(1), _decoded_rows(codec, encoded, b), cfg.dtype, rows[done])
+                batch.update({f"{split}/{k}": t for k, t in encoded.items()})
                 # copies are queued behind the teacher's kernels; the writer waits on the event
                 host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
                 host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in view_records.items()})  # on the host already
@@ -267,13 +298,35 @@ def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device)
     return total
 
 
-def _check_finite(logits: torch.Tensor, first_row: int) -> None:
-    """`logits` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
-    bad = ~torch.isfinite(logits).all(dim=1)
+def _check_finite(values: torch.Tensor, first_row: int, what: str = "output") -> None:
+    """`values` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
+    bad = ~torch.isfinite(values).all(dim=1)
     if bad.any():
         row = first_row + int(bad.nonzero()[0])
-        raise KDCacheError(f"teacher output for sample {row} is not finite (NaN or Inf); check the teacher weights "
+        raise KDCacheError(f"teacher {what} for sample {row} is not finite (NaN or Inf); check the teacher weights "
                            "and input, or pass --allow-nonfinite to keep such rows")
+
+
+def _decoded_rows(codec, encoded: dict, b: int) -> torch.Tensor:
+    """What a reader gets back from `encoded`, [B, V * ...] float32 (top-k: the values)."""
+    decoded = codec.decode(encoded)
+    return (decoded.values if isinstance(decoded, encodings.TopK) else decoded).reshape(b, -1)
+
+
+def _check_stored(what: str, source: torch.Tensor, decoded: torch.Tensor | None, dtype: str, first_row: int) -> None:
+    """Stop where a finite teacher value [B, ...] would be stored as inf/NaN: float16 rounds values
+    above 65504 to inf (checked after the teacher's own finiteness, which --allow-nonfinite waives),
+    int8's per-row scale can overflow. Training on such a row gives NaN losses."""
+    finite = torch.isfinite(source).all(dim=1)
+    if decoded is not None:
+        lost = finite & ~torch.isfinite(decoded).all(dim=1)
+    else:
+        lost = encodings.overflowed(source, dtype)
+    if lost.any():
+        row = first_row + int(lost.nonzero()[0])
+        peak = float(source[lost][0].abs().max())
+        raise KDCacheError(f"teacher {what} for sample {row} reaches {peak:.4g}, which {dtype} stores as inf; "
+                           "dump with --dtype bfloat16 or float32 (same range as the teacher's float32)")
 
 
 def _probe(teacher, source, activations, device) -> dict:

@@ -99,7 +99,10 @@ def test_topk_to_a_smaller_k_keeps_the_first_k_and_the_logsumexp(top4, tmp_path)
         np.testing.assert_array_equal(two[f"{split}/logits"], four[f"{split}/logits"][..., :2])
         np.testing.assert_array_equal(two[f"{split}/topk_indices"], four[f"{split}/topk_indices"][..., :2])
         np.testing.assert_array_equal(two[f"{split}/logsumexp"], four[f"{split}/logsumexp"])
-        np.testing.assert_array_equal(f32[f"{split}/logits"], four[f"{split}/logits"].astype(np.float32))
+        # float16 top-k values are log-probabilities; float32 ones raw logits: lse + the same values
+        raw = four[f"{split}/logits"].astype(np.float32) + four[f"{split}/logsumexp"][..., None]
+        np.testing.assert_array_equal(f32[f"{split}/logits"], raw)
+        np.testing.assert_array_equal(f32[f"{split}/log_tail"], four[f"{split}/log_tail"])
     assert verify_store(top2) == []
     assert contents(top2)[0]["converted_from"]["converted_from"]["dtype"] == "float32"  # the whole chain
 

@@ -23,9 +23,11 @@ __all__ = [
     "decide", "check_room", "publish", "remove_store", "translate_errors",
 ]
 
-SCHEMA_VERSION = 2  # bump when the layout changes; readers refuse stores newer than they know
+SCHEMA_VERSION = 3  # bump when the layout changes; readers refuse stores newer than they know
 # 2: blocks (block_rows, checksums per block, per-writer progress), top-k/int8 arrays. Schema 1 stores
 # still load into memory for training and inspect; what needs blocks asks for a new dump (block_rows_of).
+# 3: top-k values stored as log-probabilities with the tail's exact log-mass (log_tail). Dense schema-2
+# stores read as before; a schema-2 top-k store is refused with the fix (encodings.LogitCodec.from_attrs).
 PARTIAL = ".partial"
 BACKENDS = (ZarrStore, HDF5Store)
 
