@@ -1,9 +1,10 @@
 """Section 8 of bench/run.py: does a student learn as much from compact targets as from float16?
 
 On `digit-pairs` (100 classes with real structure: pairs that share a digit look alike, and the
-swapped pair most of all), a teacher is trained with `kdcache.train_student`, dumped in float16
-with `kdcache.dump_teacher`, and re-encoded to int8, top-32 and top-8 with `kdcache convert`
-(`convert_store`; without it, each encoding is dumped from the teacher directly). The same
+swapped pair most of all), a teacher is trained with `kdcache.train_student` and dumped with
+`kdcache.dump_teacher` once per encoding (float16, int8, top-32, top-8: the route users take,
+`dump-teacher --topk K`), and the float16 store is also re-encoded to top-32 with `kdcache convert`
+(`top-32 cv`), which must give the same targets. The same
 student is then trained from each cache with the same seed (same init, same data order), for each
 seed; KD settings are train-student's defaults (soft_target, T 4, alpha 0.9; top-k: the sparse
 K + 1 bin reconstruction), or another temperature (`--kd-temperature`): at T != 1 top-k targets
@@ -21,6 +22,7 @@ import statistics
 import time
 
 from kdcache import dump_teacher, train_student
+from kdcache.convert import convert_store
 from kdcache.report import describe_store
 from timing import Figure
 
@@ -28,17 +30,9 @@ DATASET = "digit-pairs"  # 20,000 train and 4,000 test pairs: one test error is 
 TEACHER, TEACHER_EPOCHS = "cnn_small", 3  # 4 epochs gave 96% top-1 in 220 s on 2 busy cores; 3 save a minute
 STUDENT, STUDENT_EPOCHS = "cnn_tiny", 2  # the smallest student: where the teacher's targets matter most
 SEEDS = (0, 1)  # the students' seeds; each encoding is trained with every one
-ENCODINGS = {"float16": {}, "int8": dict(dtype="int8"), "top-32": dict(topk=32), "top-8": dict(topk=8)}
+ENCODINGS = {"float16": {}, "int8": dict(dtype="int8"), "top-32": dict(topk=32), "top-8": dict(topk=8),
+             "top-32 cv": dict(topk=32, convert=True)}  # cv: converted from the float16 dump
 TOLERANCE = 0.5  # points of top-1 that top-32 may lose against float16
-
-
-def compact_cache(src: str, dst: str, options: dict) -> str:
-    """`kdcache convert SRC DST` to `options`' encoding; a dump from the teacher where convert is missing."""
-    try:
-        from kdcache.convert import convert_store
-    except ImportError:
-        return ""
-    return convert_store(src, dst, dtype=options.get("dtype"), topk=options.get("topk"))
 
 
 def bench_quality(work: str, seeds=SEEDS, dataset: str = DATASET, teacher_epochs: int = TEACHER_EPOCHS,
@@ -60,10 +54,12 @@ def bench_quality(work: str, seeds=SEEDS, dataset: str = DATASET, teacher_epochs
         for enc, options in ENCODINGS.items():
             if enc == "float16":
                 continue
-            path = os.path.join(folder, f"{enc}.zarr")
-            caches[enc] = compact_cache(caches["float16"], path, options)
-            made_by[enc] = "convert"
-            if not caches[enc]:
+            path = os.path.join(folder, f"{enc.replace(' ', '-')}.zarr")
+            options = dict(options)
+            if options.pop("convert", False):
+                caches[enc] = convert_store(caches["float16"], path, dtype=options.get("dtype"), topk=options.get("topk"))
+                made_by[enc] = "convert"
+            else:
                 caches[enc] = dump_teacher(teacher=teacher, dataset=dataset, out=path, **options)
                 made_by[enc] = "dump"
     sizes = {enc: describe_store(path)["splits"]["train"] for enc, path in caches.items()}

@@ -184,7 +184,9 @@ def make_adapter(pair: FeaturePair, student: torch.Tensor, teacher: torch.Tensor
     size = tuple(teacher.shape[-2:]) if s.dim() == 4 and s.shape[-2:] != teacher.shape[-2:] else None
     c_s, c_t = s.shape[1], teacher.shape[1]
     project = None
-    if c_s != c_t:
+    # activation boundaries always get the paper's connector (Heo et al. 2019 train one even when the
+    # channels match): the student's own pre-ReLU signs are not the teacher's neurons
+    if c_s != c_t or pair.loss == "activation_boundaries":
         project = nn.Conv2d(c_s, c_t, kernel_size=1) if s.dim() == 4 else nn.Linear(c_s, c_t)
     return Adapter(reduce, size, project)
 

@@ -86,9 +86,10 @@ def _kl_rows(log_p, log_q):
 
 
 def _checked_teacher(loss, teacher_logits):
-    """The teacher logits [B, C] as they are; ValueError for a row with no distribution."""
-    # one host sync per call; the common all-finite case needs nothing more
-    if bool(torch.isfinite(teacher_logits).all()):
+    """The teacher logits [B, C] as they are; ValueError for a row with no distribution (CPU only)."""
+    # on an accelerator the check would cost a host sync every step; there such a row gives a NaN
+    # loss, which train-student stops at the end of the epoch, naming the step
+    if teacher_logits.device.type != "cpu" or bool(torch.isfinite(teacher_logits).all()):
         return teacher_logits
     bad = torch.isnan(teacher_logits) | torch.isposinf(teacher_logits)
     if bool(bad.any()):
@@ -461,8 +462,8 @@ def _flat_pair(loss, fs, ft):
 def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
     """Soft-target KD from a top-K teacher: K values, their classes and the row's logsumexp.
 
-    The tail's total mass at T = 1 is known exactly, m = 1 - sum_k exp(v_k - lse); how it splits
-    over the C - K other classes is not, and at T != 1 that split matters. What is known: every
+    The tail's total mass at T = 1 is known exactly (TopK.log_tail, computed before the values were
+    rounded); how it splits over the C - K other classes is not, and at T != 1 that split matters. What is known: every
     tail logit is at most v_K, the K-th largest.
 
     reconstruction="dense" -- FKD's choice (Shen & Xing, "A Fast Knowledge Distillation Framework
@@ -471,9 +472,9 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
     (TopK.tail_logit). The student is pulled to a flat tail.
 
     reconstruction="sparse" -- KL over K + 1 bins, the teacher's K classes and one tail bucket:
-        teacher  softmax([v_1 / T, ..., v_K / T, log M_T]),
-                 M_T = (m e^lse / e^v_K) * e^(v_K / T): the tail's mass packed into as few classes as
-                 its T = 1 mass allows, each at the largest logit a tail class can have, v_K,
+        teacher  softmax([log q_1 / T, ..., log q_K / T, log m - (1 - 1/T) log q_K]), q = TopK.log_probs()
+                 exponentiated: the tail's mass m packed into as few classes as its T = 1 mass allows,
+                 m / q_K, each at the largest probability a tail class can have, q_K,
         student  [log p^s_k for the K classes, logsumexp over the other classes of log p^s_j],
                  p^s = softmax(s / T) over all C classes,
         loss = T^2 * mean_batch KL(teacher bins || student bins).
@@ -493,8 +494,8 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
     so the merged-bin KL is a lower bound of the full KL and the tail's inner shape gets no
     gradient (where "dense" pushes it towards flat).
 
-    Shapes: student_logits [B, C]; teacher a TopK with values, indices [B, K], logsumexp [B],
-    num_classes C. Returns a scalar.
+    Shapes: student_logits [B, C]; teacher a TopK with values, indices [B, K], logsumexp, log_tail
+    [B], num_classes C. Returns a scalar.
     """
     if reconstruction == "dense":
         return soft_target(student_logits, teacher.dense().to(student_logits.dtype), T)
@@ -510,15 +511,29 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
         )
     log_ps = F.log_softmax(student_logits / T, dim=1)
     log_ps_bins = log_ps.gather(1, teacher.indices)
-    t_bins = teacher.values.to(student_logits.dtype) / T
     if k < c:
         in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(1, teacher.indices, True)
         # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student
         log_ps_tail = torch.logsumexp(log_ps.masked_fill(in_top, float("-inf")), dim=1, keepdim=True)
         log_ps_bins = torch.cat([log_ps_bins, log_ps_tail], dim=1)
-        v_k = teacher.values[:, -1]
-        # log M_T = log m + lse - v_K + v_K / T: the packed-at-v_K tail (exact at T = 1)
-        t_tail = (teacher.log_tail_mass() + teacher.logsumexp - v_k + v_k / T).to(student_logits.dtype)
-        t_bins = torch.cat([t_bins, t_tail.unsqueeze(1)], dim=1)
-    log_pt_bins = F.log_softmax(t_bins, dim=1)
-    return T * T * F.kl_div(log_ps_bins, log_pt_bins, reduction="batchmean", log_target=True)
+    log_pt_bins = topk_teacher_bins(teacher, T).to(student_logits.dtype)
+    # a bin of teacher probability 0 (an empty tail, a ruled-out class) adds 0 to KL, not 0 * -inf = NaN
+    return T * T * _kl_rows(log_pt_bins, log_ps_bins).mean()
+
+
+def topk_teacher_bins(teacher, T=4.0):
+    """The sparse reconstruction's teacher distribution: log-probabilities [B, K + 1] (or [B, C] at K == C).
+
+    Bins: the K kept classes, then the tail bucket (omitted when K == C), at temperature T:
+        softmax([log q_1 / T, ..., log q_K / T, log m - (1 - 1/T) log q_K]),
+    with log q = TopK.log_probs() (the top K rescaled to 1 - m) and m the stored tail mass: the
+    row's logsumexp cancels, and rounded values cannot eat the tail. An empty tail (m = 0) is a bin
+    of probability 0 (-inf), also when q_K is 0 too.
+    """
+    log_q = teacher.log_probs()
+    bins = log_q / T
+    if teacher.k < teacher.num_classes:
+        log_m = teacher.log_tail
+        tail = torch.where(torch.isinf(log_m), log_m, log_m - (1 - 1 / T) * log_q[..., -1])
+        bins = torch.cat([bins, tail.unsqueeze(-1)], dim=-1)
+    return F.log_softmax(bins, dim=-1)

@@ -548,7 +548,10 @@ def topk_teacher(k):
 
     idx = np.argsort(-TT, axis=1, kind="stable")[:, :k]
     lse = np.log(np.exp(TT).sum(axis=1))
-    return TopK(t64(np.take_along_axis(TT, idx, 1)), torch.tensor(idx), t64(lse), TT.shape[1]), idx
+    p = np.exp(TT - lse[:, None])
+    tail = 1.0 - np.take_along_axis(p, idx, 1).sum(axis=1)  # float64: exact enough for the tail's log
+    log_tail = np.log(np.clip(tail, 0, None)) if k < TT.shape[1] else np.full(len(TT), -np.inf)
+    return TopK(t64(np.take_along_axis(TT, idx, 1)), torch.tensor(idx), t64(lse), t64(log_tail), TT.shape[1]), idx
 
 
 def np_even_tail_logit(t, top):
