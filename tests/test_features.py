@@ -149,3 +149,11 @@ def test_a_feature_pair_that_cannot_work_is_one_line_with_exit_status_two(case, 
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()  # refused before the first step
+
+
+def test_activation_boundaries_trains_the_papers_connector_also_when_channels_match():
+    pair = FeaturePair("s=t:activation_boundaries", "s", "t", "activation_boundaries", "full")
+    adapter = make_adapter(pair, torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4))
+    assert sum(p.numel() for p in adapter.parameters()) == 8 * 8 + 8  # a 1x1 conv, 8 -> 8 channels
+    fitnet = make_adapter(FeaturePair("s=t", "s", "t", "fitnet", "full"), torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4))
+    assert sum(p.numel() for p in fitnet.parameters()) == 0  # FitNets' hint needs none when shapes match
