@@ -40,17 +40,21 @@ def describe_store(path: str) -> dict:
 
 
 def _teacher_top1(store, split: str, codec) -> float:
-    """Top-1 of the cached logits over every view, one chunk of rows at a time: an ImageNet cache
+    """Top-1 of the cached logits over every view, one block of rows at a time: an ImageNet cache
     never has to fit in memory as float32 just to be inspected. A mixed view counts as the class
-    of the sample with the larger weight."""
-    arrays = {name: store.array(f"{split}/{name}") for name in codec.arrays()}
-    logits, labels = arrays["logits"], np.asarray(store.read(f"{split}/labels"))
+    of the sample with the larger weight. Every block read is checked against its recorded
+    checksum: a damaged one stops inspect with one line naming it (verify.CheckedReads)."""
+    from kdcache.verify import CheckedReads
+
     mixed = store.has_array(f"{split}/mix_partner")
+    reads = CheckedReads(store, split, [*codec.arrays(), "labels", *(["mix_partner", "mix_lambda"] if mixed else [])])
+    logits, labels = store.array(f"{split}/logits"), reads.read("labels")
     if mixed:
-        partner, lam = np.asarray(store.read(f"{split}/mix_partner")), np.asarray(store.read(f"{split}/mix_lambda"))
-    rows, correct = logits.chunks[0], 0
-    for start in range(0, logits.shape[0], rows):
-        decoded = codec.decode({k: from_storage(a[start : start + rows], str(a.dtype)) for k, a in arrays.items()})
+        partner, lam = reads.read("mix_partner"), reads.read("mix_lambda")
+    rows, correct = reads.block_rows, 0
+    for b, start in enumerate(range(0, logits.shape[0], rows)):
+        stored = {k: reads.read_block(k, b) for k in codec.arrays()}
+        decoded = codec.decode({k: from_storage(v, str(v.dtype)) for k, v in stored.items()})
         block = (decoded.indices[..., 0] if codec.topk else decoded.argmax(-1)).numpy()  # [rows, V]
         truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
         if mixed:

@@ -6,6 +6,7 @@ sample indices the DataLoader yields, never a store call per sample or per batch
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -28,10 +29,16 @@ def activation_encoding(attrs: dict) -> str | None:
     return "bfloat16-as-uint16" if attrs.get("activation_dtype", attrs.get("dtype")) == "bfloat16" else None
 
 
-def _stored(store, path: str, device) -> torch.Tensor:
-    """A whole stored array as a tensor of its storage width (uint16 as int16 bits), on `device`."""
-    values = store.read(path)
+def _stored(reads, name: str, device) -> torch.Tensor:
+    """A whole stored array, every block checked as read, as a tensor of its storage width (uint16
+    as int16 bits), on `device`."""
+    values = reads.read(name)
     return from_storage(values, str(values.dtype)).to(device)
+
+
+def _read_names(codec: LogitCodec, activations: list) -> list[str]:
+    """The arrays (relative to the split) a load of its targets reads: logits, the named activations, labels."""
+    return [*codec.arrays(), *(f"activations/{n}" for n in activations), "labels"]
 
 
 class SplitTargets:
@@ -43,22 +50,24 @@ class SplitTargets:
 
     Every array is kept as stored (float16, int8 with its scales, top-k values and indices: a
     quarter to a hundredth of float32) and decoded per batch, after the gather, where it costs
-    microseconds. Only the activations named are loaded (all of them when None).
+    microseconds. Only the activations named are loaded (all of them when None), and every block
+    of what is loaded is checked against its recorded checksum as it is read (verify.CheckedReads).
     """
 
     def __init__(self, store: stores.Store, split: str, *, device="cpu", activations=None):
+        from kdcache.verify import CheckedReads
+
         attrs = store.get_attrs()
         self.split = split
         self.attrs = store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
-        self.tables = {name: _stored(store, f"{split}/{name}", device) for name in self.codec.arrays()}  # [N, V, ...]
+        names = [n for n in attrs.get("activations", {}) if (activations is None or n in activations)
+                 and store.has_array(f"{split}/activations/{n}")]
+        reads = CheckedReads(store, split, _read_names(self.codec, names))
+        self.tables = {name: _stored(reads, name, device) for name in self.codec.arrays()}  # [N, V, ...]
         act_encoding = activation_encoding(attrs)
-        names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
-        self.activations = {
-            name: decode(store.read(f"{split}/activations/{name}"), act_encoding).to(device)
-            for name in names if store.has_array(f"{split}/activations/{name}")
-        }
-        self.labels = torch.from_numpy(np.asarray(store.read(f"{split}/labels"), dtype=np.int64))
+        self.activations = {name: decode(reads.read(f"activations/{name}"), act_encoding).to(device) for name in names}
+        self.labels = torch.from_numpy(np.asarray(reads.read("labels"), dtype=np.int64))
 
     def __len__(self) -> int:
         return self.tables["logits"].shape[0]
@@ -107,21 +116,25 @@ class StreamedSplit:
     `sampler()` gives the order both the images and the targets follow (kdcache.reader: whole
     blocks, shuffled in windows of `buffer_blocks`); `stream(sampler)` the StreamTargets that
     prefetch those blocks in the background and gather each batch from them. One store read per
-    array per block, never per sample.
+    array per block, never per sample; each block checked against its recorded checksum as it is
+    read (verify.CheckedReads), and absent pieces looked for before the first.
     """
 
     def __init__(self, path: str, split: str, *, device="cpu", activations=None, buffer_blocks: int = 8):
+        from kdcache.verify import CheckedReads
+
         self.path, self.split, self.device, self.buffer_blocks = path, split, device, buffer_blocks
         self._store = stores.open_store(path)  # kept open: the prefetch thread reads through it
         attrs = self._store.get_attrs()
         self.attrs = self._store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
         self.block_rows = stores.block_rows_of(self._store, split)
-        self.labels = torch.from_numpy(np.asarray(self._store.read(f"{split}/labels"), dtype=np.int64))
         logits = self._store.array(f"{split}/logits")
         self.n, self.views = logits.shape[0], logits.shape[1]
         names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
         self.activations = [n for n in names if self._store.has_array(f"{split}/activations/{n}")]
+        self._reads = CheckedReads(self._store, split, _read_names(self.codec, self.activations))
+        self.labels = torch.from_numpy(np.asarray(self._reads.read("labels"), dtype=np.int64))
         self._act_encoding = activation_encoding(attrs)
 
     def __len__(self) -> int:
@@ -135,10 +148,8 @@ class StreamedSplit:
 
     def load_block(self, b: int) -> dict:
         """Block b of every array, as stored, rows flattened to [rows * V, ...]."""
-        rows = slice(b * self.block_rows, min((b + 1) * self.block_rows, self.n))
-        tables = {k: from_storage(self._store.array(f"{self.split}/{k}")[rows], dt).flatten(0, 1)
-                  for k, (_, dt) in self.codec.arrays().items()}
-        acts = {n: decode(self._store.array(f"{self.split}/activations/{n}")[rows], self._act_encoding).flatten(0, 1)
+        tables = {k: from_storage(self._reads.read_block(k, b), dt).flatten(0, 1) for k, (_, dt) in self.codec.arrays().items()}
+        acts = {n: decode(self._reads.read_block(f"activations/{n}", b), self._act_encoding).flatten(0, 1)
                 for n in self.activations}
         return {"logits": tables, "activations": acts}
 
@@ -249,6 +260,10 @@ class Cache:
             stores.check_complete(store)
             self.attrs = store.get_attrs()
             self.splits = {s: store.get_attrs(s) for s in store.group_names()}
+        if any("block_rows" not in a for a in self.splits.values()):  # schema 1: what it is, said once per cache
+            print(f"kdcache: warning: cache '{self.path}' was written before per-block checksums (schema "
+                  f"{self.attrs.get('schema_version')}): its targets load unchecked; dump the teacher again to "
+                  "have every block checked as it is read", file=sys.stderr, flush=True)
         self._targets: dict = {}
 
     @property

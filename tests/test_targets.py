@@ -140,7 +140,7 @@ def _synthetic_cache(path, n, classes):
     from kdcache import store as stores
     from kdcache.data import load_split
     from kdcache.encodings import LogitCodec
-    from kdcache.writer import BlockWriter, ProgressRecord, finish_split
+    from kdcache.writer import BlockWriter, ProgressRecord, chunk_checksum, finish_split
 
     data = load_split("digits", "train")
     codec = LogitCodec("float16", None, classes)
@@ -150,7 +150,8 @@ def _synthetic_cache(path, n, classes):
     block, _ = stores.plan_blocks({"logits": classes * 2}, n)
     a = s.create_array("train/logits", shape=(n, 1, classes), dtype="float16", chunks=(block, 1, classes))
     s.create_array("train/labels", shape=(n,), dtype="int64", chunks=(block,))[:] = data.labels
-    s.update_attrs({"dataset": data.describe(), "block_rows": block, "checksums": {}}, group="train")
+    labels = [chunk_checksum(np.asarray(data.labels[i : i + block], dtype=np.int64)) for i in range(0, n, block)]
+    s.update_attrs({"dataset": data.describe(), "block_rows": block, "checksums": {"labels": labels}}, group="train")
     blocks = range(-(-n // block))
     record = ProgressRecord(s, "train", 0, len(blocks), {"logits": [None] * len(blocks)})
     w = BlockWriter({"train/logits": a}, block_rows=block, blocks=blocks, on_block=record.record)

@@ -103,6 +103,13 @@ class Store:
         """Bytes the array takes on disk (compressed)."""
         raise NotImplementedError
 
+    def absent_rows(self, name: str) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of the array whose stored pieces (chunks, zarr shards) were never
+        written. Both backends read those as the fill value, 0, without a word; zarr also leaves out
+        a chunk that is all zeros (write_empty_chunks=False), so an absent piece is damage only where
+        the recorded checksum says the rows were not zeros."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -110,6 +117,11 @@ class Store:
     def read(self, name: str) -> np.ndarray:
         """The whole array, one call: the fast path for loading targets into memory."""
         return self.array(name)[...]
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of the array into `out` (C-contiguous, of their shape): one block of a
+        load that checks each block as it arrives. Backends override it to read without a copy."""
+        out[...] = self.array(name)[start:stop]
 
     def __enter__(self):
         return self

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from kdcache.store.base import Store
 
 CHUNK_CACHE_BYTES = 64 << 20
@@ -72,6 +74,23 @@ class HDF5Store(Store):
 
     def stored_bytes(self, name):
         return self._file[name].id.get_storage_size()
+
+    def read_into(self, name, start, stop, out):
+        self._file[name].read_direct(out, source_sel=np.s_[start:stop])
+
+    def absent_rows(self, name):
+        import itertools
+
+        ds = self._file[name]
+        if ds.chunks is None:  # contiguous: allocated whole (kdcache makes only chunked datasets)
+            return []
+        grid = [range(0, n, c) for n, c in zip(ds.shape, ds.chunks)]
+        stored = ds.id.get_num_chunks()
+        if stored == int(np.prod([len(g) for g in grid])):  # the usual answer, from one call
+            return []
+        present = {ds.id.get_chunk_info(i).chunk_offset for i in range(stored)}
+        rows = ds.chunks[0]
+        return sorted({(o[0], min(o[0] + rows, ds.shape[0])) for o in itertools.product(*grid) if o not in present})
 
     def close(self):
         if self._file.id.valid:

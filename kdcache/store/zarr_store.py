@@ -23,6 +23,7 @@ class ZarrStore(Store):
         store = remote.zarr_store(self.path, read_only=read_only) if remote.is_url(self.path) else self.path
         # zarr_format=3: without it zarr probes for v2 metadata too (8 requests to open a remote group, not 2)
         self._root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+        self._opened: dict = {}  # read-only: each array's metadata read once, not on every block (a GET remotely)
 
     def create_array(self, name, *, shape, dtype, chunks, shards=None):
         from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -46,7 +47,35 @@ class ZarrStore(Store):
                 "compressor": f"zstd(level={ZSTD_LEVEL})+crc32c"}
 
     def array(self, name):
-        return self._root[name]
+        if not self.read_only:
+            return self._root[name]
+        if name not in self._opened:
+            self._opened[name] = self._root[name]
+        return self._opened[name]
+
+    def read_into(self, name, start, stop, out):
+        from zarr.core.buffer import default_buffer_prototype
+
+        # decoded straight into `out`: a load of 100 MB of logits makes no second copy
+        self.array(name).get_basic_selection(slice(start, stop),
+                                             out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+
+    def absent_rows(self, name):
+        import itertools
+
+        from zarr.core.sync import sync
+
+        a = self.array(name)
+        piece = a.shards or a.chunks  # what one stored object holds: a shard, or a chunk
+        prefix = f"{a.store_path.path}/"
+
+        async def stored_keys():
+            return {key.removeprefix(prefix) async for key in a.store_path.store.list_prefix(prefix)}
+
+        stored = sync(stored_keys())  # one listing of the array's objects (a LIST remotely), no reads
+        grid = itertools.product(*(range(-(-n // p)) for n, p in zip(a.shape, piece)))
+        return sorted({(c[0] * piece[0], min((c[0] + 1) * piece[0], a.shape[0])) for c in grid
+                       if a.metadata.encode_chunk_key(c) not in stored})
 
     def has_array(self, name):
         import zarr
