@@ -457,7 +457,7 @@ def _replayed(cfg, data, cache, recorded: dict) -> TrainViews:
     from kdcache import store as stores
 
     with stores.open_store(cache.path) as store:
-        recipe = stored_recipe(store, data, recorded)
+        recipe = stored_recipe(store, data, recorded, named=cfg.augment)
     check_replay(recipe, recipe.stored["view_digests"], cfg.verify_replay, recorded, cache.splits[data.split], data.split)
     return TrainViews(recipe, count=recorded["views"], policy=cfg.view_policy, seed=cfg.seed, per_view=True)
 
@@ -468,9 +468,23 @@ def check_mix_loss(loss: str, mix: str | None) -> None:
                            f"(--mix {mix}) has two; use --loss soft_target, logits or mutual with mixing")
 
 
-def stored_recipe(store, data, recorded: dict) -> ViewRecipe:
+def check_stored_preset(preset, named: str | None, where: str) -> None:
+    """Refuse the views' transform a store names unless it is a preset or `named`, the --augment
+    the user gave: stores are shared, so what they name never decides what code is imported."""
+    if not isinstance(preset, str):
+        raise KDCacheError(f"store {where} records no augmentation name for its views (got {preset!r}); "
+                           "dump the cache again")
+    if ":" in preset and preset != named:
+        raise KDCacheError(f"store {where} says its views were made by code ({preset}), and kdcache runs code only "
+                           f"when you name it, never because a store does; if you trust it, pass --augment {preset}")
+
+
+def stored_recipe(store, data, recorded: dict, *, named: str | None = None) -> ViewRecipe:
     """The recipe of the views of `data`'s split in an open `store`, whose root attrs `augment`
-    block is `recorded`: seeds and mixes as stored (each per-view array read once, whole)."""
+    block is `recorded`: seeds and mixes as stored (each per-view array read once, whole). The
+    transform is the recorded preset, or the recorded module:callable if it is `named` (the user's
+    --augment), see check_stored_preset."""
+    check_stored_preset(recorded.get("preset"), named, store.path)
     stored = {name: np.asarray(store.read(f"{data.split}/{name}"))
               for name in (*RECORDS, *MIX_RECORDS) if store.has_array(f"{data.split}/{name}")}
     return ViewRecipe(data.dataset, build_augmentation(recorded["preset"], data), base_seed=recorded["seed"],

@@ -93,7 +93,8 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--feature-weight-start", type=float, help="Feature weight at the start of its schedule (default 0).")
 @click.option("--feature-weight-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
 @click.option("--baseline", is_flag=True, default=None, help="Also train each student without KD.")
-@click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison.")
+@click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison; or a model name with --weights.")
+@click.option("--weights", type=click.Path(), help="State dict or model.pt for a --teacher given by name (module:callable).")
 @click.option("--out", help="Output folder (default runs/train).")
 @click.option("--seed", type=int)
 @click.option("--augment", help="The student's own augmentation (no cache, or a clean one): cifar, imagenet, digits, "
@@ -139,11 +140,15 @@ def inspect_cmd(store, as_json):
 
 @cli.command("verify")
 @click.argument("store")
-def verify_cmd(store):
+@click.option("--dataset", help="Dataset to check the fingerprint against (default: the store's; a module:callable "
+                                "the store names runs only when given here).")
+@click.option("--augment", help="The views' module:callable transform, to replay them (a store's own code never runs).")
+@click.option("--data-root", type=click.Path(), help="Folder holding the dataset (default: the store's).")
+def verify_cmd(store, dataset, augment, data_root):
     """Check a store: complete, every row written, finite values. Exit 1 on any problem."""
     from kdcache.verify import verify_store
 
-    problems = verify_store(store)
+    problems = verify_store(store, dataset=dataset, augment=augment, data_root=data_root)
     for line in problems:
         click.echo(f"problem: {line}")
     click.echo(f"{store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")

@@ -77,7 +77,8 @@ class DumpConfig:
 class TrainConfig:
     students: list = field(default_factory=list)  # model names; several make a sweep
     cache: str | None = None  # teacher store; none means plain training (or online KD with --teacher)
-    teacher: str | None = None  # checkpoint for online KD when there is no cache
+    teacher: str | None = None  # checkpoint for online KD when there is no cache, or a model name with --weights
+    weights: str | None = None  # state dict (or model.pt) for a teacher given by name: how a module:callable teacher loads
     dataset: str = "digits"  # must be the dataset the cache was made from (checked by fingerprint)
     data_root: str | None = None
     train_split: str = "train"
@@ -143,6 +144,8 @@ class TrainConfig:
             raise KDCacheError("--verify checks a cache: pass --cache STORE with it")
         if self.cache and self.teacher:
             raise KDCacheError("pass --cache (offline KD) or --teacher (online KD), not both")
+        if self.weights and not self.teacher:
+            raise KDCacheError("--weights loads a teacher given by name: pass --teacher NAME with it (online KD)")
         _non_negative("views", self.views)
         _non_negative("augment_seed", self.augment_seed)
         _non_negative("verify_replay", self.verify_replay)

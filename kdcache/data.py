@@ -368,8 +368,21 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS) + sorted(TORCHVISION) + ["imagefolder:PATH", "module:callable"]
 
 
-def load_split(spec: str, split: str, *, root: str | None = None) -> SplitData:
-    """The split `split` of dataset `spec`; every way of naming a dataset comes through here."""
+def names_code(spec: str) -> bool:
+    """Whether a dataset spec imports code (module:callable) rather than naming a registry entry."""
+    name, colon, _ = spec.partition(":")
+    return bool(colon) and name not in DATASETS and name not in TORCHVISION and name != "imagefolder"
+
+
+def load_split(spec: str, split: str, *, root: str | None = None, stored_in: str | None = None) -> SplitData:
+    """The split `split` of dataset `spec`; every way of naming a dataset comes through here.
+
+    `stored_in`: the store `spec` was read from, when the user did not give it. A store may name
+    registry datasets only: its `module:callable` is refused, never imported (stores are shared).
+    """
+    if stored_in is not None and names_code(spec):
+        raise KDCacheError(f"store {stored_in} names its {split} dataset as code ({spec}), and kdcache runs code only "
+                           f"when you name it, never because a store does; if you trust it, pass --dataset {spec}")
     name, colon, rest = spec.partition(":")
     if name in DATASETS:
         try:

@@ -625,18 +625,41 @@ def load_checkpoint(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise KDCacheError(f"checkpoint {path} does not exist; give the model.pt written by train-student")
-    ckpt = _torch_load(path, "checkpoint")
+    return _checked(_torch_load(path, "checkpoint"), path)
+
+
+_FIELDS = {"kdcache_checkpoint": int, "arch": str, "arch_kwargs": dict, "num_classes": int, "in_chans": int,
+           "state_dict": dict}  # what model_from_checkpoint reads, and the type it must be
+
+
+def _checked(ckpt, path: str) -> dict:
+    """`ckpt` if it is a kdcache checkpoint this version reads, with every field it builds from well-typed."""
     if not isinstance(ckpt, dict) or "kdcache_checkpoint" not in ckpt:
         raise KDCacheError(
             f"{path} is not a kdcache checkpoint (no 'kdcache_checkpoint' key); "
             "for a plain state dict give a model name and --weights instead"
         )
+    for key, kind in _FIELDS.items():
+        value = ckpt.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise KDCacheError(f"checkpoint {path} is malformed: {key} is {_brief(value)}, expected "
+                               f"{'a positive int' if kind is int else f'a {kind.__name__}'}; "
+                               "give a model.pt written by kdcache train-student")
+    if not all(isinstance(k, str) for k in ckpt["arch_kwargs"]):
+        raise KDCacheError(f"checkpoint {path} is malformed: arch_kwargs is {_brief(ckpt['arch_kwargs'])}, expected "
+                           "keyword arguments by name; give a model.pt written by kdcache train-student")
     if ckpt["kdcache_checkpoint"] > CHECKPOINT_FORMAT:
         raise KDCacheError(
             f"checkpoint {path} has format {ckpt['kdcache_checkpoint']}, newer than this kdcache reads "
             f"({CHECKPOINT_FORMAT}); upgrade kdcache"
         )
     return ckpt
+
+
+def _brief(value) -> str:
+    """A value for a message: its repr when short, else its type."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 def _fmt_shape(shape) -> str:
@@ -667,12 +690,28 @@ def _load_fitting(model: nn.Module, state: dict, *, source: str, arch: str) -> N
     model.load_state_dict(state)
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (left in train mode)."""
+def names_code(arch: str) -> bool:
+    """Whether a model name imports code (module:callable) rather than naming a registered or torchvision model."""
+    return ":" in arch
+
+
+def model_from_checkpoint(ckpt: dict, *, arch: str | None = None, path: str | None = None) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (left in train mode).
+
+    A checkpoint is a file, not the user: its arch may name a registered or torchvision model, and
+    code (module:callable, torch.hub:load, ...) only when that is `arch`, the name the user gave for
+    this file (the --student it is the model.pt of). `path` names the file in messages.
+    """
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    if names_code(ckpt["arch"]) and ckpt["arch"] != arch:
+        fix = (f"this run names it {arch}: pass --overwrite to train {arch} again" if arch is not None
+               else f"if you trust that code, name it yourself: --teacher {ckpt['arch']} --weights {path or 'FILE'}")
+        raise KDCacheError(f"{where} names its model as code ({ckpt['arch']}), and kdcache runs code only when you "
+                           f"name it, never because a file does; {fix}")
     model = create_model(
         ckpt["arch"], num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"], **ckpt["arch_kwargs"]
     )
-    _load_fitting(model, ckpt["state_dict"], source="in the checkpoint", arch=ckpt["arch"])
+    _load_fitting(model, ckpt["state_dict"], source=f"in {where}", arch=ckpt["arch"])
     return model
 
 
@@ -731,7 +770,7 @@ def build_teacher(
                 f"teacher checkpoint {spec} has {ckpt['num_classes']} classes, but num_classes={num_classes} "
                 "was given; drop --num-classes or use a teacher trained on this dataset"
             )
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt, path=spec)
         info = {
             "arch": ckpt["arch"],
             "arch_kwargs": dict(ckpt["arch_kwargs"]),
@@ -747,16 +786,21 @@ def build_teacher(
         raise KDCacheError(
             f"teacher '{spec}' is a model name, so num_classes is needed; give --num-classes or a checkpoint"
         )
-    model = create_model(spec, num_classes=num_classes, in_chans=in_chans)
-    sha = None
+    obj, arch_kwargs, sha = None, {}, None
     if weights is not None:
         weights = os.fspath(weights)
         if not os.path.isfile(weights):
             raise KDCacheError(f"weights file {weights} does not exist")
-        state = _state_dict_from(_torch_load(weights, "weights"), weights)
-        _load_fitting(model, state, source=weights, arch=spec)
+        obj = _torch_load(weights, "weights")
+        if isinstance(obj, dict) and "kdcache_checkpoint" in obj and obj.get("arch") == spec:
+            # a checkpoint of this very model (--teacher mymod:net --weights its model.pt): built as it was trained
+            ckpt = _checked(obj, weights)
+            in_chans, arch_kwargs = ckpt["in_chans"], dict(ckpt["arch_kwargs"])
         sha = _sha256(weights)
+    model = create_model(spec, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
+    if obj is not None:
+        _load_fitting(model, _state_dict_from(obj, weights), source=weights, arch=spec)
     info = {
-        "arch": spec, "arch_kwargs": {}, "num_classes": num_classes, "in_chans": in_chans, "weights_sha256": sha
+        "arch": spec, "arch_kwargs": arch_kwargs, "num_classes": num_classes, "in_chans": in_chans, "weights_sha256": sha
     }
     return model.eval(), info

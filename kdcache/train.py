@@ -184,7 +184,7 @@ class Setup:
         if cfg.cache:
             self._from_cache(cfg, device)
         elif cfg.teacher:
-            model, info = build_teacher(cfg.teacher, num_classes=self.train_data.num_classes)
+            model, info = build_teacher(cfg.teacher, num_classes=self.train_data.num_classes, weights=cfg.weights)
             self.pairs = features.pairs_for_teacher(cfg.features, model)
             self.teacher, self.mode = OnlineTeacher(model.to(device), features.teacher_forms(self.pairs)), "online_kd"
             self.teacher_pred = _predict(model, _loader(WithIndex(self.test_data.dataset), cfg, batch_size=256), device)
@@ -196,7 +196,7 @@ class Setup:
         if cfg.verify:
             from kdcache.verify import verify_store
 
-            problems = verify_store(cfg.cache)
+            problems = verify_store(cfg.cache, dataset=cfg.dataset, augment=cfg.augment, data_root=cfg.data_root)
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise KDCacheError(f"cache '{cfg.cache}' fails verification: {problems[0]}{more}; "
@@ -322,7 +322,7 @@ def finished_row(name: str, kind: str, cfg: TrainConfig, checkpoint: str) -> dic
     """The summary row of a student trained earlier, from its checkpoint."""
     ckpt = load_checkpoint(checkpoint)
     m = ckpt["metrics"]
-    params = count_parameters(model_from_checkpoint(ckpt))
+    params = count_parameters(model_from_checkpoint(ckpt, arch=name, path=checkpoint))  # its arch: this run's --student
     return {"student": name, "kind": kind, "params": params, "epochs": m.get("epoch", cfg.epochs), "top1": m["top1"],
             "top5": m["top5"], "agreement": m.get("agreement"), "seconds": m["seconds"],
             "folder": os.path.dirname(checkpoint), "step_losses": []}
