@@ -14,8 +14,9 @@ import torch
 from kdcache import store as stores
 from kdcache import writer
 from kdcache.dump import activation_dtype
-from kdcache.encodings import LogitCodec, from_storage, recode_topk, round_float, to_storage
+from kdcache.encodings import CODEC_ATTRS, LogitCodec, from_storage, recode_topk, round_float, to_storage
 from kdcache.errors import KDCacheError
+from kdcache.progress import log
 
 __all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
 
@@ -26,13 +27,21 @@ _WRITTEN_ATTRS = ("layout", "checksums", "block_rows", "rows_written", "complete
 
 
 def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | None = None, overwrite: bool = False,
-                  resume: bool = False, chunk_bytes: int | None = None) -> str:
+                  resume: bool = False, chunk_bytes: int | None = None, indices: str | None = None,
+                  sample: int | None = None, sample_temperature: float | None = None, sample_seed: int | None = None,
+                  budget: str | None = None, temperature: float = 4.0) -> str:
     """Write the complete store `src` again at `dst` with logits in `dtype` / top-`topk` (None: SRC's;
-    topk=0: dense); return `dst`. Zarr or HDF5 by `dst`'s suffix.
+    topk=0: dense) with `indices` plain or packed (None: SRC's), or as `sample` classes drawn per view
+    at `sample_temperature` (default 4) with `sample_seed`; return `dst`. Zarr or HDF5 by `dst`'s suffix.
+
+    `budget` ("64B" per sample, or a total such as "40GB" over every split) instead picks the
+    encoding: the most faithful candidate of the fidelity report (kdcache.fidelity, measured on
+    SRC's train split at the training `temperature`) whose measured bytes fit; it is logged in one
+    line and its figures recorded in DST's root attrs (`fidelity`).
 
     Labels, view records (view_seeds, mix_partner, ...) and activations are copied as stored;
-    activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 logits
-    keep float16 activations). `chunk_bytes` (default: SRC's dump setting) sizes DST's chunks.
+    activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 and
+    uint8 logits keep float16 activations). `chunk_bytes` (default: SRC's dump setting) sizes DST's chunks.
     Whatever would need logits SRC never stored (top-k -> dense, or to a larger K) is refused.
     """
     src, dst = str(src).rstrip("/"), str(dst).rstrip("/")
@@ -45,25 +54,73 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
         stores.check_complete(source)
         attrs = source.get_attrs()
         old = LogitCodec.from_attrs(attrs)
-        new = target_codec(old, dtype, topk, src=src)
+        fidelity = None
+        if budget is not None:
+            chosen = {"--dtype": dtype, "--topk": topk, "--topk-indices": indices, "--sample": sample}
+            if any(v is not None for v in chosen.values()):
+                given = ", ".join(k for k, v in chosen.items() if v is not None)
+                raise KDCacheError(f"--budget chooses the encoding itself; drop {given}, or drop --budget")
+        else:
+            new = target_codec(old, dtype, topk, src=src, indices=indices, sample=sample,
+                               sample_temperature=sample_temperature, sample_seed=sample_seed)
         with stores.StoreLock(dst):  # one writer per store, as for a dump
             action = stores.decide(dst, overwrite=overwrite, resume=resume, what="convert", flag="DST")
             if action == "done":
-                print(f"{dst} is already complete; nothing to resume")
+                log.info(f"{dst} is already complete; nothing to resume")
                 return dst
+            if budget is not None:  # measured once DST is known to be wanted: the sample takes seconds
+                new, fidelity = _plan_budget(source, src, dst, attrs, budget, temperature)
             chunk_bytes = chunk_bytes or (attrs.get("config") or {}).get("chunk_bytes") or stores.CHUNK_BYTES
-            _convert(source, src, attrs, old, new, dst, action, chunk_bytes)
+            _convert(source, src, attrs, old, new, dst, action, chunk_bytes, fidelity)
     return dst
 
 
-def target_codec(old: LogitCodec, dtype: str | None, topk: int | None, *, src: str = "SRC") -> LogitCodec:
+def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperature: float) -> tuple[LogitCodec, dict]:
+    """(DST's codec, the fidelity record for DST's attrs): the most faithful candidate within `budget`."""
+    from kdcache import fidelity
+
+    amount, per_sample = fidelity.parse_budget(budget)
+    total = sum(source.array(f"{split}/logits").shape[0] for split in attrs["splits"])
+    per = amount if per_sample else amount / max(total, 1)
+    report = fidelity.measure(src, temperature=temperature, suffix=stores.backend_for(dst).suffixes[0])
+    best, line = fidelity.choose(report, per)
+    if not per_sample:
+        line = f"{budget} over {total:,} samples; {line}"
+    log.info(line)
+    record = {"budget": budget, "budget_bytes_per_sample": per, "chosen": best["name"], "why": line,
+              **{k: report[k] for k in ("split", "samples", "of", "views", "temperature", "source_dtype", "backend",
+                                        "full_ece")},
+              "measured_from": os.path.abspath(src), "candidates": fidelity.as_json(report)["candidates"]}
+    return LogitCodec.from_attrs(best["codec"]), record
+
+
+def target_codec(old: LogitCodec, dtype: str | None, topk: int | None, *, src: str = "SRC", indices: str | None = None,
+                 sample: int | None = None, sample_temperature: float | None = None,
+                 sample_seed: int | None = None) -> LogitCodec:
     """DST's codec from SRC's and the options; refuses, naming the fix, what SRC cannot give."""
+    if old.sample is not None:
+        asked = {"dtype": dtype, "indices": indices, "sample": sample, "sample_temperature": sample_temperature,
+                 "sample_seed": sample_seed}
+        if topk is None and all(v is None or v == getattr(old, k) for k, v in asked.items()):
+            return old  # another backend, the same draws
+        raise KDCacheError(f"'{src}' holds sampled targets ({old.sample} classes drawn per view), from which no other "
+                           "encoding can be made; convert the full-precision store it came from instead")
+    if sample is not None:
+        if old.topk is not None and old.topk < old.num_classes:
+            raise KDCacheError(f"'{src}' keeps only the top {old.topk} of {old.num_classes} logits per view, and --sample "
+                               "draws from every class; convert a dense store, or dump the teacher again with --sample")
+        floats = ("float32", "float16", "bfloat16")
+        return LogitCodec(dtype or (old.dtype if old.dtype in floats else "float16"), None, old.num_classes,
+                          indices=indices or "plain", sample=sample,
+                          sample_temperature=4.0 if sample_temperature is None else sample_temperature,
+                          sample_seed=sample_seed or 0).validate()
     dtype = dtype or old.dtype
     if topk is None:  # keep SRC's K, unless int8 (dense only) is asked for
         topk = None if dtype == "int8" else old.topk
     elif topk == DENSE:
         topk = None
-    new = LogitCodec(dtype, topk, old.num_classes).validate()
+    indices = indices or (old.indices if topk is not None else "plain")
+    new = LogitCodec(dtype, topk, old.num_classes, indices=indices).validate()
     if old.topk is not None and old.topk < old.num_classes and (new.topk is None or new.topk > old.topk):
         want = f"the top {new.topk}" if new.topk is not None else f"dense {'int8 ' if dtype == 'int8' else ''}logits"
         again = f"with --topk {new.topk}" if new.topk is not None else "without --topk"
@@ -94,13 +151,16 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
 
 
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
-             chunk_bytes: int) -> None:
+             chunk_bytes: int, fidelity: dict | None = None) -> None:
     from kdcache import __version__
 
     partial = stores.partial_path(dst)
     act_from = attrs.get("activation_dtype") or activation_dtype(old.dtype)
+    # SRC's own encoding attrs go (DST writes its codec's), and so do fidelity figures measured for SRC
+    kept = {k: v for k, v in attrs.items() if k not in (*CODEC_ATTRS, "fidelity")}
     root_attrs = dict(
-        attrs,
+        kept,
+        **({"fidelity": fidelity} if fidelity else {}),  # convert --budget: what was measured, and the choice
         schema_version=stores.SCHEMA_VERSION,  # DST is laid out by this kdcache, whatever SRC's age
         kdcache_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -21,6 +21,7 @@ from kdcache.data import SplitData, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher, get_module
+from kdcache.progress import Progress, log
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,7 +72,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
     # 1. what to do: decided by rank 0 alone, so every rank takes the same way (or the same error)
     action = distributed.on_main(dist, lambda: stores.decide(out, overwrite=cfg.overwrite, resume=cfg.resume))
     if action == "done":
-        print(f"{out} is already complete; nothing to resume")
+        log.info(f"{out} is already complete; nothing to resume")
         return out
 
     # 2. every rank: the data, the teacher and its outputs' encoding
@@ -90,7 +91,9 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         if data.num_classes != info["num_classes"]:
             raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has {data.num_classes}; "
                                "use the teacher trained on this dataset")
-    codec = encodings.LogitCodec(cfg.dtype, cfg.topk, info["num_classes"])
+    codec = encodings.LogitCodec(cfg.dtype, cfg.topk, info["num_classes"], indices=cfg.topk_indices, sample=cfg.sample,
+                                 sample_temperature=cfg.sample_temperature if cfg.sample else None,
+                                 sample_seed=cfg.sample_seed)
     codec.validate()
 
     root_attrs = {
@@ -165,8 +168,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def activation_dtype(dtype: str) -> str:
-    """Activations keep a float dtype: int8's per-row affine quantization is for logits only."""
-    return "float16" if dtype == "int8" else dtype
+    """Activations keep a float dtype: int8's per-row affine quantization and uint8 top-k codes are for logits only."""
+    return "float16" if dtype in ("int8", "uint8") else dtype
 
 
 def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig, device):
@@ -239,9 +242,8 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     # --batch-size counts teacher inputs: B // V samples of V views each
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
                                          shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, initial=n - len(rows), unit="samples", desc=f"dump {split}", disable=None, unit_scale=True)
+    # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
+    bar = Progress(n, f"dump {split}", initial=n - len(rows))
     names = [name for name, _ in activations]
     act_dtype = activation_dtype(cfg.dtype)
     try:
@@ -308,8 +310,10 @@ def _check_finite(values: torch.Tensor, first_row: int, what: str = "output") ->
 
 
 def _decoded_rows(codec, encoded: dict, b: int) -> torch.Tensor:
-    """What a reader gets back from `encoded`, [B, V * ...] float32 (top-k: the values)."""
+    """What a reader gets back from `encoded`, [B, V * ...] float32 (top-k: the values; sampled: their log q)."""
     decoded = codec.decode(encoded)
+    if isinstance(decoded, encodings.Sampled):
+        return decoded.log_q.reshape(b, -1)
     return (decoded.values if isinstance(decoded, encodings.TopK) else decoded).reshape(b, -1)
 
 

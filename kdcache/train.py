@@ -24,7 +24,8 @@ from kdcache.errors import KDCacheError, closest
 from kdcache.hooks import capture
 from kdcache.models import (build_teacher, count_parameters, create_model, load_checkpoint,
                             model_from_checkpoint, save_checkpoint)
-from kdcache.encodings import TopK
+from kdcache.encodings import Sampled, TopK
+from kdcache.progress import Progress, log
 from kdcache.schedules import Schedule
 from kdcache.targets import CachedTeacher, OnlineTeacher, StreamedSplit, choose_place, open_cache
 
@@ -37,7 +38,19 @@ KD_LOSSES = (*losses.LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD v
 def logit_kd_loss(name: str, student: torch.Tensor, teacher, target: torch.Tensor, T: float,
                   reconstruction: str = "sparse"):
     """The `--loss` term between student logits [B, C] and the teacher's: logits [B, C], or a TopK
-    from a top-k cache (soft_target uses it as it is, the other losses its dense reconstruction)."""
+    from a top-k cache (soft_target uses it as it is, the other losses its dense reconstruction).
+    A teacher row the loss cannot use (NaN, +inf, kept with --allow-nonfinite) is a user error."""
+    try:
+        return _logit_kd_loss(name, student, teacher, target, T, reconstruction)
+    except ValueError as e:
+        raise KDCacheError(f"--loss {name}: {e} (kept by dump-teacher --allow-nonfinite)") from None
+
+
+def _logit_kd_loss(name, student, teacher, target, T, reconstruction):
+    if isinstance(teacher, Sampled):  # a few drawn classes: only soft_target has an unbiased estimate from them
+        if name != "soft_target":
+            raise ValueError("sampled targets estimate soft_target's loss only; use --loss soft_target")
+        return losses.soft_target_sampled(student, teacher, T)
     if isinstance(teacher, TopK):
         if name == "soft_target":
             return losses.soft_target_topk(student, teacher, T, reconstruction=reconstruction)
@@ -80,15 +93,17 @@ def lr_factor(kind: str, pos: float) -> float:
 
 def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
                     alpha_schedule: Schedule | None, device, feature_kd: features.FeatureKD | None = None,
-                    feature_schedule: Schedule | None = None, dist: distributed.Dist = distributed.Dist()) -> dict:
+                    feature_schedule: Schedule | None = None, dist: distributed.Dist = distributed.Dist(),
+                    progress: Progress | None = None) -> dict:
     """One pass over `loader`; returns mean losses, the last alpha (and feature weight) and LR,
     and per-step losses. With `feature_kd`, its student layers are hooked for the epoch.
 
     Under DDP (`model` wrapped, `dist.world_size` > 1) each rank's loss is scaled so that DDP's
     mean of the ranks' gradients is the mean over the global batch (GlobalBatchSampler.loss_scale),
     the adapters' gradients are averaged by hand (they are outside the wrapped model), and the
-    epoch's mean losses are summed over every rank."""
+    epoch's mean losses are summed over every rank. `progress` counts this rank's samples."""
     model.train()
+    first_step = step
     sums: dict = {}
     step_losses = []
     alpha = weight = 0.0
@@ -121,15 +136,27 @@ def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
             step_losses.append(values["loss"])
+            if progress is not None:  # the loss is read (a device sync) only when the bar or a line shows it
+                progress.update(len(y), loss=lambda: float(values["loss"]))
     names = sorted(sums)
     totals = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
                                                      for k in names] + [torch.tensor(float(seen), dtype=torch.float64,
                                                                                      device=device)]), dist)
+    if not torch.isfinite(totals).all():  # every rank sees the all-reduced totals, so every rank stops here
+        _stop_nonfinite(step_losses, first_step, len(loader))
     stats = {k: float(v) / float(totals[-1]) for k, v in zip(names, totals[:-1])}  # one sync per epoch, not per step
     stats.update(alpha=alpha, lr=optimizer.param_groups[0]["lr"], step_losses=[float(v) for v in step_losses])
     if feature_kd is not None:
         stats["feature_weight"] = weight
     return stats
+
+
+def _stop_nonfinite(step_losses: list, first_step: int, steps_per_epoch: int) -> None:
+    """A NaN or inf training loss: stop with the epoch and step instead of training on (checked once an epoch)."""
+    bad = [i for i, v in enumerate(step_losses) if not torch.isfinite(v)]
+    where = f"step {bad[0] + 1} of {steps_per_epoch}" if bad else "a step of another rank"
+    raise KDCacheError(f"training loss became NaN or inf in epoch {first_step // max(1, steps_per_epoch) + 1}, {where}; "
+                       "nothing of this epoch is kept: lower --lr, check the cache with kdcache verify, then --resume")
 
 
 @torch.no_grad()
@@ -175,8 +202,9 @@ class Setup:
     """What every student of a run shares: data, the teacher (cached, online or none), the
     teacher's test predictions, feature pairs, the student's views."""
 
-    def __init__(self, cfg: TrainConfig, device, dist: distributed.Dist):
+    def __init__(self, cfg: TrainConfig, device, dist: distributed.Dist, announce: bool = True):
         self.cfg, self.device, self.dist = cfg, device, dist
+        self.announce = announce and dist.is_main  # --jobs: the parent says it once, not every job
         self.train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
         self.test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
         self.teacher, self.teacher_pred, self.mode, self.pairs, self.cache = None, None, "plain", [], None
@@ -202,6 +230,10 @@ class Setup:
                 raise KDCacheError(f"cache '{cfg.cache}' fails verification: {problems[0]}{more}; "
                                    f"see kdcache verify {cfg.cache}, then dump it again")
         cache.check_dataset(self.train_data)
+        drawn_at = cache.attrs.get("sample_temperature")  # sampled targets: unbiased at that T, for soft_target only
+        if drawn_at is not None and (cfg.loss != "soft_target" or not math.isclose(cfg.temperature, drawn_at)):
+            raise KDCacheError(f"cache '{cfg.cache}' holds targets sampled at temperature {drawn_at:g}, an unbiased KD "
+                               f"loss only for --loss soft_target --temperature {drawn_at:g}; train with those")
         if cache.num_classes != self.train_data.num_classes:
             raise KDCacheError(f"cache has {cache.num_classes} classes, dataset {self.train_data.num_classes}")
         stored = cache.attrs.get("activations", {})  # {name: {form}}, as dump-teacher recorded them
@@ -210,9 +242,9 @@ class Setup:
         need = cache.nbytes(cfg.train_split, used)
         self.place = choose_place(cfg.targets_in, need, device)
         self.targets = cache.targets(cfg.train_split, activations=used, place=self.place, buffer_blocks=cfg.buffer_blocks)
-        if self.dist.is_main:
-            print(f"teacher targets: {need / 2**20:,.2f} MiB, {self.place}"
-                  f"{' (auto)' if cfg.targets_in == 'auto' else ''}", flush=True)
+        if self.announce:
+            log.info(f"teacher targets: {need / 2**20:,.2f} MiB, {self.place}"
+                     f"{' (auto)' if cfg.targets_in == 'auto' else ''}")
         self.teacher, self.mode = CachedTeacher(self.targets, used, device), "kd"
         if cache.has_split(cfg.test_split):
             cache.check_dataset(self.test_data)
@@ -277,7 +309,7 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
         first_epoch, history, elapsed = load_training_state(state_path, model, optimizer, feature_kd)
         started -= elapsed
         if dist.is_main:
-            print(f"{name}: resuming after epoch {first_epoch}", flush=True)
+            log.info(f"{name}: resuming after epoch {first_epoch}")
     metrics_path = os.path.join(folder, "metrics.jsonl")
     if dist.is_main:
         _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
@@ -289,15 +321,20 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
             sampler.set_epoch(epoch)  # the order: a function of seed and epoch, so resuming needs no RNG state
             if hasattr(teacher, "targets") and hasattr(teacher.targets, "start_epoch"):
                 teacher.targets.start_epoch(epoch)  # streamed targets prefetch this epoch's blocks
-            stats = train_one_epoch(trained, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
-                                    total_steps=total, alpha_schedule=alpha_schedule, device=device,
-                                    feature_kd=feature_kd, feature_schedule=feature_schedule, dist=dist)
+            epoch_started = time.perf_counter()
+            with Progress(len(dataset) // dist.world_size, f"{name} {kind} epoch {epoch + 1}/{cfg.epochs}",
+                          enabled=dist.is_main) as progress:
+                stats = train_one_epoch(trained, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
+                                        total_steps=total, alpha_schedule=alpha_schedule, device=device,
+                                        feature_kd=feature_kd, feature_schedule=feature_schedule, dist=dist,
+                                        progress=progress)
             history.extend(stats.pop("step_losses"))
             if dist.is_main:
                 metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
                            "seconds": round(time.perf_counter() - started, 3)}
-                with open(metrics_path, "a") as log:
-                    log.write(json.dumps(metrics) + "\n")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                log.info(epoch_line(name, kind, cfg.epochs, metrics, time.perf_counter() - epoch_started))
                 save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd)
             distributed.barrier(dist)  # the others wait while rank 0 evaluates and saves
     finally:
@@ -313,6 +350,10 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
                         num_classes=train_data.num_classes, in_chans=train_data.in_chans,
                         config=run_config, metrics=metrics)
         os.remove(state_path)  # the finished checkpoint supersedes it
+        from kdcache.plots import plot_history  # deferred: matplotlib only once a student is done
+
+        plot_history(_read_metrics(metrics_path), os.path.join(folder, "curves.png"), title=f"{name} ({kind})")
+        log.info(student_line(row))  # as soon as it is trained, not after the whole sweep
     distributed.barrier(dist)
     row["step_losses"] = history
     return row
@@ -397,14 +438,34 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
             trained = {run: fit(run[0], run[1], setup, folders[run]) for run in todo}
         rows = []
         for name, kind in runs:
-            row = trained.get((name, kind)) or finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
+            row = trained.get((name, kind))
+            if row is None:  # trained by an earlier run (--resume): said here, the others when they finished
+                row = finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
+                if dist.is_main:
+                    log.info(student_line(row) + "  (trained earlier)")
             row["teacher_top1"] = teacher_top1
             rows.append(row)
-            if dist.is_main:
-                print(f"{name:>16} {kind:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)", flush=True)
         if dist.is_main:
             write_summary(cfg.out, rows)
         return rows
+
+
+def epoch_line(name: str, kind: str, epochs: int, m: dict, seconds: float) -> str:
+    """One plain line per epoch: losses by part, test top-1, agreement with the teacher, seconds."""
+    parts = [f"task {m['task_loss']:.4f}"] + [f"{label} {m[key]:.4f}" for key, label in
+                                                (("kd_loss", "kd"), ("feature_loss", "feature")) if key in m]
+    agree = f"  agree {m['agreement']:6.2f}" if m.get("agreement") is not None else ""
+    return (f"{name} {kind} epoch {m['epoch']}/{epochs}: loss {m['loss']:.4f} ({', '.join(parts)})  "
+            f"top1 {m['top1']:6.2f}{agree}  {seconds:.1f}s")
+
+
+def student_line(row: dict) -> str:
+    return f"{row['student']:>16} {row['kind']:>9}  top1 {row['top1']:6.2f}  ({row['seconds']:.1f}s)"
+
+
+def _read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:
@@ -441,7 +502,7 @@ def write_summary(out: str, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(format_table(rows))
+    log.info(format_table(rows))
     from kdcache.plots import plot_summary
 
     plot_summary(rows, os.path.join(out, "summary.png"))

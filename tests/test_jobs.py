@@ -8,9 +8,11 @@ from kdcache import train_student
 from kdcache.errors import KDCacheError
 
 
-def test_two_jobs_train_a_sweep_to_the_same_students_as_one_process(fp32_cache, tmp_path):
+def test_two_jobs_train_a_sweep_to_the_same_students_as_one_process(fp32_cache, tmp_path, capfd):
     sweep = dict(cache=fp32_cache, dataset="digits", students=["cnn_tiny", "resnet8"], epochs=1, batch_size=128)
     parallel = train_student(out=str(tmp_path / "jobs"), jobs=2, **sweep)
+    said = capfd.readouterr().out  # the jobs' lines too: they write to the same stdout
+    assert said.count("teacher targets:") == 1 and said.count("epoch 1/1: loss") == 2
     serial = train_student(out=str(tmp_path / "one"), **sweep)
     assert [(r["student"], r["kind"]) for r in parallel] == [("cnn_tiny", "kd"), ("resnet8", "kd")]
     for a, b in zip(parallel, serial):  # same seed, same order, same data: each job trains the same student
