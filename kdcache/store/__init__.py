@@ -19,7 +19,7 @@ from kdcache.store.zarr_store import ZarrStore
 
 __all__ = [
     "BLOCK_BYTES", "CHUNK_BYTES", "STORAGE_DTYPES", "plan_blocks", "SCHEMA_VERSION", "Store", "ZarrStore", "HDF5Store", "StoreLock",
-    "chunk_rows", "create_split", "block_rows_of", "backend_for", "create_store", "open_store", "partial_path", "check_complete", "is_url", "state",
+    "chunk_rows", "create_split", "block_rows_of", "backend_for", "create_store", "open_store", "partial_path", "final_path", "check_complete", "is_url", "state",
     "decide", "check_room", "publish", "remove_store", "translate_errors",
 ]
 
@@ -98,13 +98,19 @@ def open_store(path: str, *, read_only: bool = True) -> Store:
     return store
 
 
+def final_path(path: str) -> str:
+    """The store a dump at `path` is for: PATH for PATH.partial, else `path` itself."""
+    path = str(path).rstrip("/")
+    return path[: -len(PARTIAL)] if path.endswith(PARTIAL) and not is_url(path) else path
+
+
 def check_complete(store: Store) -> None:
     if not store.get_attrs().get("complete", False):
         # a URL is written in place, so its dump may also be running right now
         why = "its dump was interrupted, or is still running" if is_url(store.path) else "its dump was interrupted"
         raise KDCacheError(
             f"cache '{store.path}' is incomplete ({why}); "
-            f"finish it with kdcache dump-teacher ... --out {store.path} --resume"
+            f"finish it with kdcache dump-teacher ... --out {final_path(store.path)} --resume"
         )
 
 
@@ -133,6 +139,9 @@ def decide(path: str, *, overwrite: bool, resume: bool, what: str = "dump", flag
     """What a job writing a store at `path` does: "create", "resume" or "done" (resuming a store
     that is complete already); or the user error that stops it (`what` names the job, `flag` the
     option that chose `path`). Shared by dump-teacher and convert."""
+    if final_path(path) != path:  # resuming "X.partial" would write X.partial.partial and report success
+        raise KDCacheError(f"{flag} '{path}' is where an interrupted {what} of '{final_path(path)}' waits; "
+                           f"pass {flag} {final_path(path)} --resume to finish it (or --overwrite to start over)")
     found = state(path)  # missing, partial (an interrupted job at partial_path) or complete
     partial = partial_path(path)
     if found == "complete" and not (overwrite or resume):

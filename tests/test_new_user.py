@@ -1,0 +1,50 @@
+"""What a newcomer meets on the command line: advice that works when followed, no silent
+defaults, and one line with exit status 2 for whatever is wrong with the input."""
+import os
+
+import pytest
+
+from kdcache.cli import main
+
+
+def run(capsys, *argv):
+    """Run `kdcache ARGV` in-process; return (exit status, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def interrupted(teacher_ckpt, tmp_path):
+    """An interrupted dump: X.partial on disk, X absent."""
+    from kdcache import store as stores
+
+    path = str(tmp_path / "c.zarr")
+    s = stores.create_store(path + ".partial")
+    s.update_attrs({"schema_version": stores.SCHEMA_VERSION, "complete": False})
+    s.close()
+    return path
+
+
+def test_training_from_a_partial_store_advises_resuming_the_real_path(interrupted, capsys):
+    code, _, err = run(capsys, "train-student", "--cache", interrupted + ".partial", "--student", "cnn_tiny")
+    line = one_line(err)
+    assert code == 2 and f"--out {interrupted} --resume" in line and f"--out {interrupted}.partial" not in line
+
+
+def test_a_dump_pointed_at_a_partial_path_never_reports_success(interrupted, teacher_ckpt, capsys):
+    code, out, err = run(capsys, "dump-teacher", "--teacher", teacher_ckpt, "--dataset", "digits",
+                         "--out", interrupted + ".partial", "--resume")
+    line = one_line(err)
+    assert code == 2 and f"pass --out {interrupted} --resume" in line and "wrote" not in out
+    assert not os.path.exists(interrupted + ".partial.partial")
