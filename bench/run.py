@@ -49,7 +49,9 @@ Sections beyond the speed targets, each in its own module:
    each one's training process's peak RSS beyond the model and images (top-32 < 2 GB). --skip-scale.
 8. bench/quality.py: a student's top-1 on digit-pairs from int8, top-32 and top-8 targets against
    float16 (top-32 within 0.5 point). --skip-quality.
-Synthetic stores (3, 5, 6, 7) come from bench/synthetic.py: logits with class structure, written
+9. bench/checked_loads.py: loading 50k x 1000 float16 targets into memory with every block checked
+   against its recorded crc32 / the same arrays read unchecked, zarr and HDF5, target >= 0.9.
+Synthetic stores (3, 5, 6, 7, 9) come from bench/synthetic.py: logits with class structure, written
 as `dump-teacher` writes them. Every section prints its wall time.
 
 Run: `.venv/bin/python bench/run.py` (`make bench`, ~12 minutes on 2 idle CPU cores); `--rounds N`
@@ -72,6 +74,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench's modules, when run as a script
 
+import checked_loads  # noqa: E402
 import encoding_costs  # noqa: E402
 import quality  # noqa: E402
 import scale  # noqa: E402
@@ -102,13 +105,13 @@ STUDENT = "cnn_tiny"  # ~10 ms per 64-sample train step: the smallest student, w
 # 2-core machine a second intra-op thread stalls for a scheduler slice (~8 ms a kernel, measured)
 # whenever any other process runs, which turns a 10 ms step into 100-500 ms at random.
 SIZES = {
-    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9, 5: 3, 6: 4}, threads=1),
-    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5, 5: 3, 6: 5},
+    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9, 5: 3, 6: 4, 9: 7}, threads=1),
+    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5, 5: 3, 6: 5, 9: 7},
                  threads=None),
 }
 # --quick: sizes per section (keyword arguments of its function) that only check that it runs
 QUICK_ROWS = {3: dict(rows=20_000), 5: dict(rows=4096), "5c": dict(rows=4096), 6: dict(rows=12_000),
-              7: dict(rows=50_000),
+              7: dict(rows=50_000), 9: dict(rows=4096),
               8: dict(seeds=(0,), dataset="digit-pairs:size=2000,test_size=400", teacher_epochs=1, student_epochs=1)}
 READ_ROWS, READ_CLASSES, READ_BATCH = 200_000, 1000, 256  # figure 3's stores: 400 MB of float16 logits
 READ_CODECS = {  # figure 3's tables: dense float16 (3), int8 with per-row scale and offset (3c), top-32 (3d)
@@ -403,7 +406,7 @@ def section(number: int, title: str, run):
     return result
 
 
-SECTIONS = 8
+SECTIONS = 9
 SECTION_SECONDS: dict = {}
 
 
@@ -498,6 +501,12 @@ def main(argv=None) -> int:
             figures += quality_figures
             tables.append((f"8. KD quality of compact targets (bench/quality.py), section time "
                            f"{SECTION_SECONDS[8]:.0f} s", quality_lines))
+
+        checked_figures, checked_info = section(9, f"targets loaded with and without block checks, {rounds[9]} rounds",
+                                                lambda: checked_loads.bench_checked_loads(work, rounds[9],
+                                                                                          **rows.get(9, {})))
+        figures += checked_figures
+        info.append(checked_info)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

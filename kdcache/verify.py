@@ -131,7 +131,8 @@ def _skipped(split: str, checks: str, why: KDCacheError) -> list[str]:
 
 # --- checked as read: what training and inspect read ----------------------------------------------
 
-READ_THREADS = min(16, os.cpu_count() or 1)  # blocks in flight in a load: zarr decodes some while zlib's crc32, which lets go of the GIL, checks others
+PIECE_BYTES = 16 << 20  # rows per backend call in a whole-array load: zarr's per-call cost spread thin, and the checks of one piece overlap the read of the next
+CHECK_THREADS = min(8, os.cpu_count() or 1)  # zlib's crc32 lets go of the GIL: blocks are checked on every core while the next piece is read
 
 
 class CheckedReads:
@@ -143,8 +144,8 @@ class CheckedReads:
     never stored (which both backends read as zeros) are looked for in one listing per array.
 
     `names`: the arrays that will be read, relative to the split. A schema-1 split (written before
-    blocks) has no checksums: it is read a chunk at a time, unchecked, except that an absent piece of
-    a float array is refused (no teacher output is a chunk of exact zeros; labels can be).
+    blocks) has no checksums: it is read unchecked, a chunk's rows standing for a block, except that an
+    absent piece of a float array is refused (no teacher output is a chunk of exact zeros; labels can be).
     """
 
     def __init__(self, store, split: str, names):
@@ -162,15 +163,22 @@ class CheckedReads:
             self._check_present(name)
 
     def read(self, name: str) -> np.ndarray:
-        """The whole array, every block checked; blocks are read into one array, several at a time."""
+        """The whole array, every block checked: read a piece of whole blocks at a time, each piece's
+        blocks checked in threads while the next is read."""
         a = self.store.array(f"{self.split}/{name}")
         out = np.empty(a.shape, a.dtype)
-        blocks = range(-(-a.shape[0] // self.block_rows))
-        pool = ThreadPoolExecutor(max(1, min(READ_THREADS, len(blocks))), thread_name_prefix="kdcache-read")
+        n_blocks = -(-a.shape[0] // self.block_rows)
+        per_piece = max(1, PIECE_BYTES // max(1, out[:1].nbytes * self.block_rows))  # blocks per backend call
+        pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="kdcache-check")
+        checks = []
         try:
-            pending = [pool.submit(self._read_into, name, b, out[slice(*self._rows(a, b))]) for b in blocks]
-            for future in pending:  # in block order: the first damaged block is the one named
-                future.result()
+            for first in range(0, n_blocks, per_piece):
+                last = min(first + per_piece, n_blocks)
+                self._read_span(name, a, first, last, out[first * self.block_rows : last * self.block_rows])
+                if self.checked:
+                    checks += [pool.submit(self._check, name, b, out[slice(*self._rows(a, b))]) for b in range(first, last)]
+            for check in checks:  # in block order: the first damaged block is the one named
+                check.result()
         finally:
             pool.shutdown(cancel_futures=True)
         return out
@@ -180,23 +188,36 @@ class CheckedReads:
         a = self.store.array(f"{self.split}/{name}")
         start, stop = self._rows(a, b)
         out = np.empty((stop - start, *a.shape[1:]), a.dtype)
-        self._read_into(name, b, out)
+        self._read_span(name, a, b, b + 1, out)
+        if self.checked:
+            self._check(name, b, out)
         return out
 
     # --- the checks ---------------------------------------------------------------------------
     def _rows(self, a, b: int) -> tuple[int, int]:
         return b * self.block_rows, min((b + 1) * self.block_rows, a.shape[0])
 
-    def _read_into(self, name: str, b: int, out: np.ndarray) -> None:
+    def _read_span(self, name: str, a, first: int, last: int, out: np.ndarray) -> None:
+        """Blocks [first, last) into `out`, one backend call; an error names the block it is in."""
         path = f"{self.split}/{name}"
-        start, stop = self._rows(self.store.array(path), b)
         try:
-            self.store.read_into(path, start, stop, out)
+            self.store.read_into(path, first * self.block_rows, self._rows(a, last - 1)[1], out)
+            return
         except KDCacheError:
             raise
         except Exception as e:  # the backend's own per-chunk checksum (crc32c, fletcher32) or decompressor failed
-            raise self._damaged(name, b, f"cannot be read ({_why(e)})") from None
-        if self.checked and chunk_checksum(out) != self.sums[name][b]:
+            error = e
+        offset = first * self.block_rows
+        for b in range(first, last):  # which block: only on this path, a block at a time
+            start, stop = self._rows(a, b)
+            try:
+                self.store.read_into(path, start, stop, out[start - offset : stop - offset])
+            except Exception as e:
+                raise self._damaged(name, b, f"cannot be read ({_why(e)})") from None
+        raise self._damaged(name, first, f"cannot be read with its neighbours ({_why(error)})") from None
+
+    def _check(self, name: str, b: int, values: np.ndarray) -> None:
+        if chunk_checksum(values) != self.sums[name][b]:
             if b in self.absent.get(name, {}):
                 lo, hi = self.absent[name][b]
                 raise self._damaged(name, b, f"is missing rows {lo}-{hi - 1} from the store (they read as zeros)")

@@ -42,8 +42,8 @@ def copy_of(store: str, tmp_path) -> str:
     return path
 
 
-def zarr_chunk(path: str, array: str = "train/logits") -> str:
-    return os.path.join(path, array, "c", "0", "0", "0")  # the first (here: the only) block's object
+def zarr_chunk(path: str, array: str = "train/logits", block: int = 0) -> str:
+    return os.path.join(path, array, "c", str(block), "0", "0")  # block 0 is the only one of fp32_cache's splits
 
 
 def delete_chunk(path: str, array: str = "train/logits") -> None:
@@ -178,15 +178,41 @@ def test_inspect_of_a_damaged_chunk_is_one_line_naming_the_block(damage, suffix,
     assert "test/logits block 0 (rows 0-359)" in err and f"kdcache verify {path}" in err, err
 
 
-def test_only_the_arrays_a_run_uses_are_read_each_block_once(teacher_ckpt, tmp_path, monkeypatch):
-    out = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "a.zarr"), splits=["train"],
-                       dtype="float32", chunk_bytes=32 * 40, activations=["layer1:pool"])
+@pytest.fixture(scope="module")
+def blocks_cache(teacher_ckpt, tmp_path_factory) -> str:
+    """The train split in 45 blocks of 32 rows, with an activation no run below asks for."""
+    return dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path_factory.mktemp("b") / "b.zarr"),
+                        splits=["train"], dtype="float32", chunk_bytes=32 * 40, activations=["layer1:pool"])
+
+
+def test_only_the_arrays_a_run_uses_are_read_each_row_once(blocks_cache, monkeypatch):
+    out = blocks_cache
     reads = []
     real = stores.ZarrStore.read_into
     monkeypatch.setattr(stores.ZarrStore, "read_into",
-                        lambda self, name, start, stop, o: (reads.append((name, start)), real(self, name, start, stop, o)))
+                        lambda self, name, start, stop, o: (reads.append((name, start, stop)), real(self, name, start, stop, o)))
     open_cache(out).targets("train", activations=[])
-    assert sorted(reads) == sorted({(n, b * 32) for n in ("train/logits", "train/labels") for b in range(45)})
+    assert {name for name, _, _ in reads} == {"train/logits", "train/labels"}
+    for array in ("train/logits", "train/labels"):
+        rows = np.concatenate([np.arange(start, stop) for name, start, stop in reads if name == array])
+        assert np.array_equal(np.sort(rows), np.arange(1437)), array  # every row, once
+
+
+def test_a_load_in_pieces_reads_the_same_table_and_names_the_damaged_block_inside_a_piece(blocks_cache, tmp_path,
+                                                                                           monkeypatch):
+    import kdcache.verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "PIECE_BYTES", 3 * 32 * 40)  # 3 blocks a backend call: 15 calls, 45 blocks
+    with stores.open_store(blocks_cache) as s:
+        whole = s.read("train/logits")
+    torch.testing.assert_close(open_cache(blocks_cache)["train"].tables["logits"], torch.from_numpy(whole), rtol=0, atol=0)
+    path = copy_of(blocks_cache, tmp_path)
+    shutil.copy(zarr_chunk(path, block=8), zarr_chunk(path, block=10))  # a valid chunk in the wrong place
+    with pytest.raises(KDCacheError, match=r"train/logits block 10 \(rows 320-351\) does not match the checksum"):
+        open_cache(path)["train"]
+    open(zarr_chunk(path, block=7), "wb").write(b"garbage")  # in the piece of blocks 6-8: found by a block's read
+    with pytest.raises(KDCacheError, match=r"train/logits block 7 \(rows 224-255\) cannot be read"):
+        open_cache(path)["train"]
 
 
 def test_a_chunk_zarr_left_out_for_being_all_zeros_is_not_damage(tmp_path):
