@@ -41,9 +41,15 @@ def cli():
 @click.option("--split", "splits", multiple=True, help="Split to dump; repeat for several (default: train and test).")
 @click.option("--out", help="Store to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
 @click.option("--activation", "activations", multiple=True, help="Teacher module to store, NAME[:full|attention|pool]; repeatable.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
-              help="Storage dtype of logits and activations (default float16; int8: logits quantized per row).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8", "uint8"]),
+              help="Storage dtype of logits and activations (default float16; int8: logits quantized per row; "
+                   "uint8: --topk values as 8-bit codes of their log-probabilities).")
 @click.option("--topk", type=int, help="Keep the K largest logits per view, with their classes and the logsumexp.")
+@click.option("--topk-indices", type=click.Choice(["plain", "packed"]),
+              help="Class indices of --topk/--sample: plain integers (default) or packed, ceil(log2 C) bits each.")
+@click.option("--sample", type=int, help="Store S classes drawn per view from the tempered teacher (random-sampling KD).")
+@click.option("--sample-temperature", type=float, help="--sample: the draws' temperature, the one students train at (default 4).")
+@click.option("--sample-seed", type=int, help="--sample: seed of the draws (default 0).")
 @click.option("--views", type=int, help="Augmented views per training sample, each with its own teacher output (default 1).")
 @click.option("--augment", help="Transform of the views: cifar, imagenet, digits, none (default) or module:callable.")
 @click.option("--augment-seed", type=int, help="Base of every view's seed (default 0).")
@@ -54,6 +60,10 @@ def cli():
 @click.option("--num-workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Keep NaN/Inf teacher outputs instead of stopping.")
+@click.option("--random-teacher", is_flag=True, default=None,
+              help="Allow a --teacher NAME without --weights: a randomly initialised network (benchmarks).")
+@click.option("--amp/--no-amp", default=None,
+              help="CUDA autocast for the teacher (default: only when --dtype is not float32, so float32 stores are float32-accurate).")
 @click.option("--resume", is_flag=True, default=None, help="Finish an interrupted dump of the same teacher and data.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing store once the new one is complete.")
 @config_option
@@ -95,6 +105,8 @@ def dump_teacher_cmd(config_file, **options):
 @click.option("--baseline", is_flag=True, default=None, help="Also train each student without KD.")
 @click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison; or a model name with --weights.")
 @click.option("--weights", type=click.Path(), help="State dict or model.pt for a --teacher given by name (module:callable).")
+@click.option("--random-teacher", is_flag=True, default=None,
+              help="Allow online KD from a --teacher NAME without --weights: a random network (benchmarks).")
 @click.option("--out", help="Output folder (default runs/train).")
 @click.option("--seed", type=int)
 @click.option("--augment", help="The student's own augmentation (no cache, or a clean one): cifar, imagenet, digits, "
@@ -159,18 +171,48 @@ def verify_cmd(store, dataset, augment, data_root):
 @cli.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
-              help="Storage dtype of DST's logits (and activations) (default: SRC's; int8: dense logits quantized per row).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8", "uint8"]),
+              help="Storage dtype of DST's logits (and activations) (default: SRC's; int8: dense logits quantized per row; "
+                   "uint8: top-k values as 8-bit codes).")
 @click.option("--topk", type=int, help="Keep the K largest logits per view, K <= SRC's for a top-k SRC (default: "
                                        "SRC's; 0: dense logits).")
+@click.option("--topk-indices", type=click.Choice(["plain", "packed"]),
+              help="Class indices of top-k/sampled targets: plain integers or packed, ceil(log2 C) bits each (default: SRC's).")
+@click.option("--sample", type=int, help="Store S classes drawn per view from the tempered teacher (random-sampling KD).")
+@click.option("--sample-temperature", type=float, help="--sample: the draws' temperature, the one students train at (default 4).")
+@click.option("--sample-seed", type=int, help="--sample: seed of the draws (default 0).")
+@click.option("--budget", help="Pick the encoding: the most faithful (kdcache fidelity) within 64B per sample, or a "
+                               "total such as 40GB of targets over every split.")
+@click.option("--temperature", type=float, default=4.0, show_default=True,
+              help="--budget: the training temperature fidelity is measured at.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST once the new one is complete.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted convert (DST.partial) of the same SRC.")
-def convert_cmd(src, dst, dtype, topk, overwrite, resume):
+def convert_cmd(src, dst, dtype, topk, topk_indices, sample, sample_temperature, sample_seed, budget, temperature,
+                overwrite, resume):
     """Re-encode a store without the teacher: another --dtype or --topk, zarr <-> HDF5 by DST's suffix."""
     from kdcache.convert import convert_store
 
-    out = convert_store(src, dst, dtype=dtype, topk=topk, overwrite=overwrite, resume=resume)
+    out = convert_store(src, dst, dtype=dtype, topk=topk, indices=topk_indices, sample=sample,
+                        sample_temperature=sample_temperature, sample_seed=sample_seed, budget=budget,
+                        temperature=temperature, overwrite=overwrite, resume=resume)
     click.echo(f"wrote {out}")
+
+
+@cli.command("fidelity")
+@click.argument("store")
+@click.option("--split", help="Split to sample (default train, else the store's first).")
+@click.option("--candidates", multiple=True, help="Encodings to measure, e.g. float16,int8,top32-float16,"
+                                                  "top32-uint8-packed,sample12-float16-packed (default: a grid of them).")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Training temperature of the targets compared.")
+@click.option("--rows", type=int, help="Samples to measure (default: up to 2,048, whole blocks spread over the split).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def fidelity_cmd(store, split, candidates, temperature, rows, as_json):
+    """Bytes on disk and fidelity to the full targets of candidate encodings, measured on a sample of STORE."""
+    from kdcache.fidelity import as_json as plain, format_report, measure
+
+    names = [n for c in candidates for n in c.split(",") if n.strip()]
+    report = measure(store, split=split, candidates=names or None, temperature=temperature, rows=rows)
+    click.echo(json.dumps(plain(report), indent=2) if as_json else format_report(report))
 
 
 @cli.command("layers")
@@ -207,12 +249,18 @@ def run_cmd(pipeline):
 
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    from kdcache.signals import Terminated, sigterm_raises
+
     try:
-        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+        with sigterm_raises():  # SIGTERM unwinds as Ctrl-C does: a resumable state, no lock left held
+            cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except KDCacheError as e:
         click.echo(f"kdcache: error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, Terminated) as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            click.echo("kdcache: terminated; rerun with --resume to continue", err=True)
+            sys.exit(143)
         click.echo("kdcache: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:  # bad flags: click's message, on one line

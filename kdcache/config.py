@@ -6,14 +6,19 @@ is saved with every artifact (store attrs, checkpoints, run folders).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 
 from kdcache.errors import KDCacheError, closest
 
 
 TARGETS_IN = ("auto", "memory", "gpu", "stream")
-DTYPES = ("float16", "bfloat16", "float32", "int8")  # int8: per-row affine quantized logits (kdcache/encodings.py)
+INT64 = 2**63  # ints must fit int64: torch and numpy take seeds and sizes as int64
+FLOAT32_MAX = 3.4028234663852886e38  # floats must be finite in float32, the dtype training computes in
+DTYPES = ("float16", "bfloat16", "float32", "int8", "uint8")  # int8: per-row affine quantized logits; uint8: top-k codes (kdcache/encodings.py)
 
 
 @dataclass
@@ -27,6 +32,10 @@ class DumpConfig:
     activations: list = field(default_factory=list)  # NAME[:full|attention|pool] teacher modules to store
     dtype: str = "float16"  # half the bytes of float32; logits lose < 1e-3 relative, far below KD noise
     topk: int | None = None  # keep only the K largest logits (+ indices, logsumexp): ImageNet-scale caches, see README
+    topk_indices: str = "plain"  # packed: ceil(log2 C) bits a class index (10 at 1,000 classes) instead of 16
+    sample: int | None = None  # store S classes drawn from the tempered teacher instead (random-sampling KD)
+    sample_temperature: float = 4.0  # the draws' T, and the only one students can train at: train-student's default
+    sample_seed: int = 0  # with each row's logits, names its draws
     views: int = 1  # teacher outputs per training sample, each on its own augmented view (kdcache/augment.py)
     augment: str = "none"  # the views' transform: cifar, imagenet, digits, none or module:callable
     augment_seed: int = 0  # with the sample index and view number, names each view's seed for good
@@ -38,6 +47,8 @@ class DumpConfig:
     device: str = "auto"  # cuda when there is one, else cpu
     chunk_bytes: int = 1 << 20  # ~1 MiB uncompressed chunks: fast sequential reads, cheap rewrites on resume
     allow_nonfinite: bool = False  # keep NaN/Inf teacher outputs instead of stopping at the first one
+    amp: bool | None = None  # CUDA autocast; None: only when the stored dtype is not float32 (bfloat16 -> bf16 autocast)
+    random_teacher: bool = False  # allow a teacher given by name without weights: a random network, for benchmarks
     resume: bool = False  # finish an interrupted dump (STORE.partial) instead of starting over
     overwrite: bool = False  # replace an existing store (the old one stays until the new one is complete)
 
@@ -51,10 +62,14 @@ class DumpConfig:
         if self.topk is not None and (not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1):
             raise KDCacheError(f"--topk must be a positive integer (classes kept per row), got {self.topk!r}")
         _positive("batch_size", self.batch_size)
-        _non_negative("num_workers", self.num_workers)
+        _workers(self.num_workers)
         _positive("chunk_bytes", self.chunk_bytes)
         if not self.splits:
             raise KDCacheError("dump-teacher needs at least one --split")
+        for split in (*self.splits, *self.augment_splits):
+            _split_name("--split", split)
+        _teacher_name(self.teacher)
+        _dataset_name(self.dataset)
         if len(set(self.splits)) != len(self.splits):
             raise KDCacheError(f"--split repeats a split ({', '.join(self.splits)}); name each once")
         if self.resume and self.overwrite:
@@ -79,6 +94,7 @@ class TrainConfig:
     cache: str | None = None  # teacher store; none means plain training (or online KD with --teacher)
     teacher: str | None = None  # checkpoint for online KD when there is no cache, or a model name with --weights
     weights: str | None = None  # state dict (or model.pt) for a teacher given by name: how a module:callable teacher loads
+    random_teacher: bool = False  # online KD from a --teacher NAME without --weights: random, for benchmarks
     dataset: str = "digits"  # must be the dataset the cache was made from (checked by fingerprint)
     data_root: str | None = None
     train_split: str = "train"
@@ -129,7 +145,9 @@ class TrainConfig:
         _positive("lr", self.lr)
         _positive("temperature", self.temperature)
         _non_negative("weight_decay", self.weight_decay)
-        _non_negative("num_workers", self.num_workers)
+        _workers(self.num_workers)
+        _split_name("--train-split", self.train_split)
+        _split_name("--test-split", self.test_split)
         for name in ("alpha", "alpha_start", "momentum"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -178,6 +196,18 @@ class TrainConfig:
             from kdcache.features import parse_features
 
             parse_features(self.features)  # syntax and loss names: a pipeline fails before its first stage
+        from kdcache.train import KD_LOSSES
+
+        if self.loss not in KD_LOSSES:
+            raise KDCacheError(f"unknown --loss '{self.loss}'; choose one of {', '.join(KD_LOSSES)} "
+                               f"(closest: {closest(self.loss, KD_LOSSES)})")
+        from kdcache.models import check_model_name
+
+        for name in self.students:
+            check_model_name(name)  # looked up, not built: an unknown student fails before any data is read
+        if self.teacher:
+            _teacher_name(self.teacher)
+        _dataset_name(self.dataset)
 
 
 def _check_augment(augment, mix, mix_alpha) -> None:
@@ -188,6 +218,40 @@ def _check_augment(augment, mix, mix_alpha) -> None:
     if mix is not None and mix not in MIXES:
         raise KDCacheError(f"--mix {mix!r} is not supported; use {' or '.join(MIXES)}")
     _positive("mix_alpha", mix_alpha)
+
+
+MAX_WORKERS = 512  # loader processes: more than any machine has cores, and each one holds a copy of the dataset
+
+
+def _workers(value):
+    _non_negative("num_workers", value)
+    if value > MAX_WORKERS:
+        raise KDCacheError(f"--num-workers {value} would start that many loader processes; use at most {MAX_WORKERS} "
+                           "(about one per CPU core)")
+
+
+def _split_name(flag, name):
+    """A split is a group in the store and a folder of an imagefolder: a plain name, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        raise KDCacheError(f"{flag} {name!r} is not a split name; use letters, digits, '_', '-' and '.' "
+                           "(no '/', '..' or leading '.'), e.g. train, test, val")
+
+
+def _teacher_name(spec):
+    """A teacher is a checkpoint (perhaps written by an earlier stage) or a model name, checked here."""
+    from kdcache.models import check_model_name
+
+    if not (os.path.exists(spec) or "/" in spec or os.sep in spec or spec.endswith((".pt", ".pth", ".ckpt", ".bin"))):
+        check_model_name(spec)
+
+
+def _dataset_name(spec):
+    """The name part of a dataset spec, looked up without loading anything (data is read when a stage runs)."""
+    from kdcache import data
+
+    name, colon, _ = spec.partition(":")
+    if not (name in data.DATASETS or name in data.TORCHVISION or (colon and name)):
+        raise KDCacheError(f"unknown dataset '{spec}'; did you mean {closest(spec, data.dataset_names())}?")
 
 
 def _positive(name, value):
@@ -206,10 +270,14 @@ def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise KDCacheError(f"config file '{path}' does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)  # plain data only: no tags that build objects
     except yaml.YAMLError as e:
         raise KDCacheError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise KDCacheError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise KDCacheError(f"cannot read config file '{path}': {e.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -220,44 +288,95 @@ def read_yaml(path: str) -> dict:
 def resolve(cls, *, file_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
     """`cls` built from defaults, then `file_values`, then `overrides` (None means 'not given')."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     aliases = {"student": "students", "split": "splits", "activation": "activations", "feature": "features",
                "augment_split": "augment_splits"}
     values = {}
     for layer in (file_values or {}, overrides or {}):
         for key, value in layer.items():
+            if not isinstance(key, str):
+                raise KDCacheError(f"option names in {source} are text, but {key!r} is a {type(key).__name__}; "
+                                   "write it as option: value")
             key = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
             if key not in names:
                 raise KDCacheError(f"unknown option '{key}' in {source}; did you mean {closest(key, names)}?")
             if value is None:
                 continue
-            default = names[key].default_factory() if names[key].default_factory is not dataclasses.MISSING else names[key].default
-            if isinstance(default, list) and not isinstance(value, (list, tuple)):
+            kind = _kind(hints[key])
+            if kind is list and not isinstance(value, (list, tuple)):
                 value = [value]
-            values[key] = _coerce(key, value, default)
+            values[key] = _coerce(key, value, kind)
     cfg = cls(**values)
     cfg.validate()
     return cfg
 
 
-def _coerce(key, value, default):
-    """YAML and flags give strings, ints and floats; make them the field's type or say why not."""
-    if isinstance(default, bool):
+def _kind(hint):
+    """The type a field holds, from its annotation: str, int, float, bool or list (`X | None` is X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _coerce(key, value, kind):
+    """YAML and flags give strings, ints and floats; make them the field's type or say why not.
+
+    Every number is checked here, once for every option: an int must fit int64 (what torch and numpy
+    take as seeds and sizes), a float finite in float32 (NaN or inf would wreck a run, not stop it).
+    """
+    if kind is bool:
         if not isinstance(value, bool):
-            raise KDCacheError(f"option '{key}' must be true or false, got {value!r}")
+            raise KDCacheError(f"option '{key}' must be true or false, got {_brief(value)}")
         return value
-    if isinstance(default, (int, float)):
-        kind = type(default)
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or (kind is int and not number.is_integer()):
+    if kind in (int, float):
+        number = _number(value, kind)
+        if number is None:
             what = "an integer" if kind is int else "a number"
-            raise KDCacheError(f"option '{key}' must be {what}, got {value!r}")
-        return kind(number)
-    if isinstance(default, list):
-        return [str(v) for v in value]
+            raise KDCacheError(f"option '{key}' must be {what}, got {_brief(value)}")
+        if kind is float and not abs(number) <= FLOAT32_MAX:  # NaN fails this too
+            raise KDCacheError(f"option '{key}' must be a finite number (|x| <= 3.4e38, float32's range), got {_brief(value)}")
+        if kind is int and not -INT64 <= number < INT64:
+            raise KDCacheError(f"option '{key}' must be an integer of at most 63 bits (|x| < 2**63), got {_brief(value)}")
+        return number
+    if kind is list:
+        if not all(isinstance(v, str) for v in value):
+            raise KDCacheError(f"option '{key}' must be a list of names, got {_brief(value)}")
+        return list(value)
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise KDCacheError(f"option '{key}' must be a name or path (text), got {type(value).__name__} {_brief(value)}")
+        return value
     return value
+
+
+def _brief(value) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value, kind):
+    """`value` as an int or float (`kind`), or None when it is not one (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)  # exact for "12345678901234567890", which float() would round
+        except ValueError:
+            pass  # "1e3" is an integer too
+    try:
+        number = value if isinstance(value, int) else float(value)
+    except ValueError:
+        return None
+    if kind is float:
+        try:
+            return float(number)
+        except OverflowError:  # an int beyond 1e308: no finite float
+            return math.inf
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else None  # 3.0 is 3; 3.5, nan and inf are no integers
+    return number
 
 
 def as_dict(cfg) -> dict:

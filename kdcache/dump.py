@@ -79,7 +79,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
     splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
     # a teacher given by name takes its shape from the data; a checkpoint is checked against it
     teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
-                                  weights=cfg.weights)
+                                  weights=cfg.weights, random_ok=cfg.random_teacher)
     teacher.to(device).eval()
     info = dict(info, weights_sha256=info.get("weights_sha256") or state_dict_sha256(teacher))
     activations = [parse_activation(a) for a in cfg.activations]

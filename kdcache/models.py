@@ -419,6 +419,17 @@ def _resolve_callable(spec: str) -> Callable:
     return obj
 
 
+def check_model_name(name: str) -> None:
+    """Raise create_model's error for a name it cannot build, without building a model (a pipeline
+    checks every stage's names before its first stage runs)."""
+    if name in MODELS:
+        return
+    if ":" in name:
+        _resolve_callable(name)
+    elif name not in _torchvision_names():
+        create_model(name, num_classes=2)  # an unknown name builds nothing: it raises the error with suggestions
+
+
 def create_model(name: str, *, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build a fresh, randomly initialised model mapping [B, in_chans, H, W] to [B, num_classes].
 
@@ -749,14 +760,14 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def build_teacher(
-    spec: str, *, num_classes: int | None, in_chans: int = 3, weights: str | None = None
+    spec: str, *, num_classes: int | None, in_chans: int = 3, weights: str | None = None, random_ok: bool = False
 ) -> tuple[nn.Module, dict]:
     """A teacher in eval mode, and what identifies it: {arch, arch_kwargs, num_classes, in_chans, weights_sha256}.
 
     `spec` is a kdcache checkpoint file (which brings its own arch, num_classes and in_chans), or
     a model name for create_model, with an optional `weights` file (a raw state dict, a dict with a
     'state_dict' or 'model' key, or a kdcache checkpoint). A name without weights is a random
-    teacher, allowed for smoke tests; its weights_sha256 is None.
+    network: refused unless `random_ok` (--random-teacher, for benchmarks); its weights_sha256 is None.
     """
     if os.path.isfile(spec):
         if weights is not None:
@@ -786,6 +797,10 @@ def build_teacher(
         raise KDCacheError(
             f"teacher '{spec}' is a model name, so num_classes is needed; give --num-classes or a checkpoint"
         )
+    if weights is None and not random_ok:
+        raise KDCacheError(f"teacher '{spec}' is a model name without --weights, so it would be a randomly "
+                           "initialised network; pass --weights FILE, a kdcache checkpoint (model.pt), or "
+                           "--random-teacher if a random teacher is what you want (benchmarks)")
     obj, arch_kwargs, sha = None, {}, None
     if weights is not None:
         weights = os.fspath(weights)

@@ -212,7 +212,8 @@ class Setup:
         if cfg.cache:
             self._from_cache(cfg, device)
         elif cfg.teacher:
-            model, info = build_teacher(cfg.teacher, num_classes=self.train_data.num_classes, weights=cfg.weights)
+            model, info = build_teacher(cfg.teacher, num_classes=self.train_data.num_classes, weights=cfg.weights,
+                                        random_ok=cfg.random_teacher)
             self.pairs = features.pairs_for_teacher(cfg.features, model)
             self.teacher, self.mode = OnlineTeacher(model.to(device), features.teacher_forms(self.pairs)), "online_kd"
             self.teacher_pred = _predict(model, _loader(WithIndex(self.test_data.dataset), cfg, batch_size=256), device)

@@ -62,7 +62,8 @@ CASES = {  # (preset, views, mix)
 def test_replayed_inputs_are_bit_for_bit_the_inputs_the_teacher_saw(case, tmp_path):
     preset, views, mix = CASES[case]
     helper.SEEN.clear()
-    out = dump_teacher(teacher="helpers.views:recorder", dataset="digits", splits=["test"], augment_splits=["test"],
+    out = dump_teacher(teacher="helpers.views:recorder", random_teacher=True, dataset="digits", splits=["test"],
+                       augment_splits=["test"],
                        out=str(tmp_path / "c.zarr"), views=views, augment=preset, mix=mix, batch_size=64)
     data = load_split("digits", "test")
     seen = torch.cat(helper.SEEN)[-len(data) * views:]  # [N * V, C, H, W] in row order, after the shape probe

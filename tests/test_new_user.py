@@ -48,3 +48,29 @@ def test_a_dump_pointed_at_a_partial_path_never_reports_success(interrupted, tea
     line = one_line(err)
     assert code == 2 and f"pass --out {interrupted} --resume" in line and "wrote" not in out
     assert not os.path.exists(interrupted + ".partial.partial")
+
+
+def test_a_teacher_given_by_name_without_weights_is_refused_unless_asked_for(capsys, tmp_path):
+    code, _, err = run(capsys, "dump-teacher", "--teacher", "cnn_tiny", "--dataset", "digits", "--out", tmp_path / "c.zarr")
+    assert code == 2 and "randomly initialised" in one_line(err) and "--random-teacher" in err
+    assert not os.listdir(tmp_path)
+    code, _, err = run(capsys, "train-student", "--teacher", "cnn_tiny", "--student", "cnn_tiny", "--dataset", "digits",
+                       "--out", tmp_path / "o")
+    assert code == 2 and "--weights FILE" in one_line(err)
+    code, out, err = run(capsys, "dump-teacher", "--teacher", "cnn_tiny", "--random-teacher", "--dataset", "digits",
+                         "--split", "test", "--out", tmp_path / "c.zarr")
+    assert code == 0, err
+
+
+def test_online_kd_takes_a_teacher_by_name_with_its_weights(teacher_ckpt, capsys, tmp_path):
+    import torch
+
+    from kdcache.models import load_checkpoint
+
+    weights = tmp_path / "w.pt"
+    torch.save(load_checkpoint(teacher_ckpt)["state_dict"], weights)  # a plain state dict, as users have them
+    code, out, err = run(capsys, "train-student", "--teacher", "cnn_small", "--weights", weights, "--student", "cnn_tiny",
+                         "--dataset", "digits", "--epochs", "1", "--out", tmp_path / "o")
+    assert code == 0, err
+    teacher_top1 = float(out.strip().splitlines()[-1].split()[-1])  # the table's teacher row: the trained one
+    assert "online_kd epoch 1/1" in out and teacher_top1 > 50
