@@ -1,4 +1,5 @@
-"""Compact encodings of teacher logits: dense float, int8 per-row affine, or top-K with the exact tail.
+"""Compact encodings of teacher logits: dense float, int8 per-row affine, top-K with the exact tail
+(float or 8-bit values, plain or bit-packed indices), or S classes sampled from the tempered teacher.
 
 `LogitCodec.encode` runs on the teacher's device per batch (only the small arrays cross to the
 host); `LogitCodec.decode` runs in training after the gather of a batch's rows.
@@ -10,17 +11,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
 
-__all__ = ["DTYPES", "LogitCodec", "TopK", "from_storage", "index_dtype", "overflowed", "recode_topk", "round_float", "to_storage"]
+__all__ = ["CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
+           "overflowed", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
-DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8 is for dense logits only
-TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # int8 is for dense logits only, uint8 for top-k values only
+TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 # what a top-k store's `logits` hold (root attr topk_values), always with the float32 log_tail array:
-# rounded values are log-probabilities v - lse, float32 ones the raw logits (no rounding, so bit-exact).
+# rounded values are log-probabilities v - lse, float32 ones the raw logits (no rounding, so bit-exact),
+# uint8 ones codes of the log-probabilities below the row's largest (with a float32 scale per row).
 # Top-k stores without it (schema 2) rounded raw logits and kept no tail.
-TOPK_VALUES = ("log_prob", "logit")
+TOPK_VALUES = ("log_prob", "logit", "log_prob_code")
+INDEX_LAYOUTS = ("plain", "packed")  # class indices in the smallest unsigned dtype, or ceil(log2 C) bits each
+CODE_MAX = 254  # uint8 top-k codes 0 .. 254 span the row's finite log-probabilities; 255 is probability 0
+CODE_ZERO = 255
+MAX_DRAWS = 255  # sampled targets: counts are uint8
+# every root attr LogitCodec.attrs() may write: a re-encoded store drops SRC's before writing its own
+CODEC_ATTRS = ("dtype", "topk", "num_classes", "encoding", "topk_values", "indices", "index_bits", "sample",
+               "sample_temperature", "sample_seed")
 
 # Torch lacks (or only half supports, device by device) uint16 and uint32, and neither zarr v3 nor
 # HDF5 knows bfloat16. So every tensor encode() returns has its storage dtype's item size and, where
@@ -40,6 +51,37 @@ def index_dtype(num_classes: int) -> str:
         if num_classes - 1 <= np.iinfo(name).max:
             return name
     raise KDCacheError(f"{num_classes} classes do not fit uint32 class indices; store dense logits instead of --topk")
+
+
+def index_bits(num_classes: int) -> int:
+    """Bits of one bit-packed class index: ceil(log2 C), at least 1 (10 at 1,000 classes, 18 at 152k)."""
+    assert 1 <= num_classes <= 2**32, num_classes
+    return max(1, (num_classes - 1).bit_length())
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 indices [..., K] in [0, 2^bits) -> uint8 [..., ceil(K * bits / 8)], same device.
+
+    Index k takes bits k * bits .. (k + 1) * bits - 1 of the row's bit string, least significant
+    first, and byte j holds bits 8j .. 8j + 7 (bit 8j in its lowest place); the last byte's unused
+    high bits are 0. Integer shifts and masks only: exact for every width up to 32.
+    """
+    assert 1 <= bits <= 32, bits
+    k = indices.shape[-1]
+    shifts = torch.arange(bits, device=indices.device)
+    stream = ((indices.long().unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)  # [..., K * bits]
+    nbytes = -(-k * bits // 8)
+    stream = F.pad(stream, (0, nbytes * 8 - k * bits))
+    weights = (1 << torch.arange(8, device=indices.device)).to(torch.int16)
+    return (stream.unflatten(-1, (nbytes, 8)).to(torch.int16) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """pack_indices undone: uint8 [..., ceil(K * bits / 8)] -> int64 [..., K], same device."""
+    assert 1 <= bits <= 32 and packed.shape[-1] == -(-k * bits // 8), (bits, k, tuple(packed.shape))
+    stream = (packed.unsqueeze(-1).long() >> torch.arange(8, device=packed.device)) & 1  # [..., nbytes, 8]
+    stream = stream.flatten(-2)[..., : k * bits].unflatten(-1, (k, bits))
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +221,47 @@ class TopK:
                     self.log_tail.to(device), self.num_classes)
 
 
+@dataclass
+class Sampled:
+    """S classes drawn per row, with replacement, from the teacher's tempered distribution
+    q = softmax(l / T), as distinct classes with their counts: random-sampling KD's targets.
+
+    Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs", ACL 2025:
+    unlike the top K, whose renormalised or tail-bucketed targets are biased, the draws give an
+    unbiased estimate of the full KD loss and of its gradient (losses.soft_target_sampled).
+
+    indices [..., S] int64 (distinct classes, most drawn first; unused slots hold class 0),
+    counts [..., S] float32 (times each was drawn, summing to `draws`; 0 in unused slots),
+    log_q [..., S] float32: the proposal's log-probability log q_i of each class drawn at the
+    temperature `temperature` (0 in unused slots), what an importance-weighted estimate needs.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    log_q: torch.Tensor
+    draws: int
+    temperature: float
+    num_classes: int
+
+    def weights(self) -> torch.Tensor:
+        """counts / draws [..., S]: the sparse target each row's draws give (E[weights] scattered = q)."""
+        return self.counts / self.draws
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """The class drawn most often per row [...] (slot 0): a sampled target's top-1 class, as a
+        dense tensor's argmax over its classes gives the teacher's (dim must be the class dim)."""
+        assert dim in (-1, self.indices.dim() - 1), dim
+        return self.indices[..., 0]
+
+    def index_select(self, rows: torch.Tensor) -> Sampled:
+        return Sampled(self.indices[rows], self.counts[rows], self.log_q[rows], self.draws, self.temperature,
+                       self.num_classes)
+
+    def to(self, device) -> Sampled:
+        return Sampled(self.indices.to(device), self.counts.to(device), self.log_q.to(device), self.draws,
+                       self.temperature, self.num_classes)
+
+
 # ---------------------------------------------------------------------------------------------
 # The codec
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +272,7 @@ class LogitCodec:
     """How one view's logits [C] are stored: the arrays, and encode/decode between them.
 
     dtype "float32" | "float16" | "bfloat16": dense logits, rounded to that type; with topk the
-        type of the top-K values.
+        type of the top-K values; with sample the type of the drawn classes' log q.
     dtype "int8": dense logits, per-row affine: x ~= q * scale + offset, q in [-128, 127], one
         float32 scale and offset per row, |error| <= scale / 2 = (max - min) / 510.
     topk K: the K largest logits sorted descending; rounded to float16/bfloat16 they are stored as
@@ -198,37 +281,99 @@ class LogitCodec:
         targets for a confident teacher), in float32 as the raw logits, bit for bit;
         their class indices, the float32 logsumexp lse of the whole row and the float32 log-mass
         of the tail (the classes not kept), computed before rounding; decodes to a TopK.
+    dtype "uint8" (top-k only): the values as 8-bit codes of how far each log-probability lies below
+        the row's largest, c_k = round((log p_1 - log p_k) / scale), scale = (log p_1 - log p_K) / 254
+        (float32, per row), 255 for probability 0: |error| <= scale / 2 before the K are rescaled to
+        the exact top mass 1 - tail (which moves each by at most scale / 2 more).
+    indices "packed" (top-k, sample): class indices bit-packed, index_bits(C) bits each, into uint8
+        bytes (pack_indices): 32 indices of 1,000 classes take 40 bytes, not 64.
+    sample S: S classes drawn per row (with replacement) from softmax(l / sample_temperature),
+        stored as distinct classes (uint8 counts) with their log-probability under that proposal;
+        the draws are a pure function of the row's logits and sample_seed (a counter-based hash,
+        so a resumed, converted or distributed dump draws the same); decodes to a Sampled.
     -inf logits (a class the teacher rules out) are kept by float dense encodings and by top-k
-    (probability 0); int8 refuses them, and NaN or +inf, since its per-row range would be infinite.
+    (probability 0) and never drawn; int8 refuses them, and NaN or +inf, since its per-row range
+    would be infinite.
     """
 
-    dtype: str  # "float32" | "float16" | "bfloat16" | "int8"
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int8" | "uint8" (top-k only)
     topk: int | None  # None: dense logits
     num_classes: int  # C, the teacher's output size
+    indices: str = "plain"  # top-k / sampled class indices: "plain" (uint8/16/32) or "packed" (index_bits(C) each)
+    sample: int | None = None  # S draws per row: sampled targets (random-sampling KD) instead of logits
+    sample_temperature: float | None = None  # the proposal's T: sampled targets train at this temperature only
+    sample_seed: int = 0  # with the row's logits, names its draws for good
 
     def validate(self) -> LogitCodec:
         """Raise KDCacheError, naming the fix, for a combination that cannot be stored."""
         if self.dtype not in DTYPES:
             raise KDCacheError(f"--dtype {self.dtype!r} is not a logit dtype; use one of {', '.join(DTYPES)}")
+        if self.indices not in INDEX_LAYOUTS:
+            raise KDCacheError(f"--topk-indices {self.indices!r} is not a layout; use one of {', '.join(INDEX_LAYOUTS)}")
+        if self.sample is not None:
+            return self._validate_sample()
         if self.topk is None:
+            if self.dtype == "uint8":
+                raise KDCacheError("--dtype uint8 stores 8-bit codes of top-k log-probabilities; add --topk K, or use "
+                                   "--dtype int8 for dense logits")
+            if self.indices == "packed":
+                raise KDCacheError("--topk-indices packed packs the class indices of top-k (or sampled) targets; add "
+                                   "--topk K, or drop --topk-indices for dense logits")
             return self
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or not 1 <= self.topk <= self.num_classes:
             raise KDCacheError(f"--topk {self.topk!r} must be a whole number from 1 to the teacher's "
                                f"{self.num_classes} classes; pick one in that range or drop --topk for dense logits")
         if self.dtype == "int8":
-            raise KDCacheError("--topk stores its values as floats and int8 is for dense logits; use --dtype "
-                               "float16 (or bfloat16, float32) with --topk, or drop --topk to keep int8")
+            raise KDCacheError("--topk stores its values as floats (or 8-bit codes, --dtype uint8) and int8 is for "
+                               "dense logits; use --dtype float16 (or bfloat16, float32, uint8) with --topk, or drop "
+                               "--topk to keep int8")
+        if self.indices == "packed" and self.num_classes > 2**32:
+            raise KDCacheError(f"{self.num_classes} classes need more than 32 bits an index; use --topk-indices plain")
         return self
+
+    def _validate_sample(self) -> LogitCodec:
+        s, t = self.sample, self.sample_temperature
+        if self.topk is not None:
+            raise KDCacheError("--sample draws classes from the whole teacher distribution and --topk keeps the largest; "
+                               "pass one of them")
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_DRAWS:
+            raise KDCacheError(f"--sample {s!r} must be a whole number of draws per row from 1 to {MAX_DRAWS} "
+                               "(counts are stored in 8 bits); ~12 match full KD in Anshumann et al. 2025")
+        if self.dtype not in TOPK_VALUE_DTYPES[:3]:
+            raise KDCacheError(f"--sample stores each drawn class's log-probability as a float, not {self.dtype}; "
+                               "use --dtype float16 (or float32, bfloat16)")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise KDCacheError(f"--sample-temperature {t!r} must be a positive number: the temperature students "
+                               "will train at (train-student --temperature, default 4)")
+        if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int) or not 0 <= self.sample_seed < 2**32:
+            raise KDCacheError(f"--sample-seed {self.sample_seed!r} must be a whole number from 0 to 2^32 - 1")
+        return self
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of one packed class index (index_bits(C))."""
+        return index_bits(self.num_classes)
 
     # --- what is stored ---------------------------------------------------------------------
 
     def arrays(self) -> dict[str, tuple[tuple, str]]:
         """name -> (trailing shape of one view, storage numpy dtype)."""
         c = self.num_classes
-        if self.topk is not None:
+        if self.sample is not None:
+            s = self.sample
             return {
-                "logits": ((self.topk,), _storage_float(self.dtype)),
-                "topk_indices": ((self.topk,), index_dtype(c)),
+                "logits": ((s,), _storage_float(self.dtype)),  # log q of each class drawn: a loss value, not its gradient
+                "sample_indices": self._index_array(s),
+                "sample_counts": ((s,), "uint8"),  # 0 marks a slot left unused (fewer distinct classes than draws)
+            }
+        if self.topk is not None:
+            if self.dtype == "uint8":
+                values = {"logits": ((self.topk,), "uint8"), "logits_scale": ((), "float32")}
+            else:
+                values = {"logits": ((self.topk,), _storage_float(self.dtype))}
+            return {
+                **values,
+                "topk_indices": self._index_array(self.topk),
                 "logsumexp": ((), "float32"),  # float32 even for float16 values: v_k = lse + stored
                 "log_tail": ((), "float32"),  # exact tail mass: rounded values cannot give 1 - sum p_k
             }
@@ -236,21 +381,40 @@ class LogitCodec:
             return {"logits": ((c,), "int8"), "logits_scale": ((), "float32"), "logits_offset": ((), "float32")}
         return {"logits": ((c,), _storage_float(self.dtype))}
 
+    def _index_array(self, n: int) -> tuple[tuple, str]:
+        if self.indices == "packed":
+            return (-(-n * self.index_bits // 8),), "uint8"
+        return (n,), index_dtype(self.num_classes)
+
     def bytes_per_view(self) -> int:
         """Uncompressed bytes of one view's logits over all arrays."""
         return sum(math.prod(shape) * np.dtype(dt).itemsize for shape, dt in self.arrays().values())
 
     def attrs(self) -> dict:
-        """The store's root attrs that say how logits were encoded (plain JSON data)."""
-        encoding = {"bfloat16": "bfloat16-as-uint16", "int8": "int8-affine-per-row"}.get(self.dtype)
-        return {"dtype": self.dtype, "topk": self.topk, "num_classes": self.num_classes, "encoding": encoding,
-                "topk_values": self.topk_values}
+        """The store's root attrs that say how logits were encoded (plain JSON data). The keys of the
+        encodings of schema 3 (dense, float top-k with plain indices) are those it wrote; packed
+        indices and sampled targets add theirs."""
+        value = {"bfloat16": "bfloat16-as-uint16", "int8": "int8-affine-per-row",
+                 "uint8": "uint8-log-prob-codes-per-row"}.get(self.dtype)
+        parts = [f"sampled-{self.sample}-at-T{self.sample_temperature:g}-seed{self.sample_seed}"] if self.sample else []
+        parts += [value] if value else []
+        parts += [f"indices-packed-{self.index_bits}bit"] if self.indices == "packed" else []
+        out = {"dtype": self.dtype, "topk": self.topk, "num_classes": self.num_classes,
+               "encoding": "+".join(parts) or None, "topk_values": self.topk_values}
+        if self.indices == "packed":
+            out.update(indices="packed", index_bits=self.index_bits)
+        if self.sample is not None:
+            out.update(sample=self.sample, sample_temperature=self.sample_temperature, sample_seed=self.sample_seed)
+        return out
 
     @property
     def topk_values(self) -> str | None:
-        """What a top-k store's values are: "log_prob" (rounded) or "logit" (float32); None when dense."""
+        """What a top-k store's values are: "log_prob" (rounded), "logit" (float32) or "log_prob_code"
+        (uint8); None when dense or sampled."""
         if self.topk is None:
             return None
+        if self.dtype == "uint8":
+            return TOPK_VALUES[2]
         return TOPK_VALUES[1] if self.dtype == "float32" else TOPK_VALUES[0]
 
     @classmethod
@@ -260,7 +424,9 @@ class LogitCodec:
         if "dtype" not in d or num_classes is None:
             raise KDCacheError("the store's attrs do not say how its logits are encoded (dtype, num_classes); "
                                "it was written by an older kdcache: dump the teacher again")
-        codec = cls(dtype=d["dtype"], topk=d.get("topk"), num_classes=int(num_classes)).validate()
+        codec = cls(dtype=d["dtype"], topk=d.get("topk"), num_classes=int(num_classes), indices=d.get("indices", "plain"),
+                    sample=d.get("sample"), sample_temperature=d.get("sample_temperature"),
+                    sample_seed=d.get("sample_seed", 0)).validate()
         if codec.topk is not None and d.get("topk_values") != codec.topk_values:
             raise KDCacheError(f"this top-{codec.topk} cache was written by an older kdcache (schema "
                                f"{d.get('schema_version')}), which rounded the values without keeping the tail's mass, "
@@ -280,46 +446,107 @@ class LogitCodec:
             float32 / float16      torch.float32 / torch.float16
             bfloat16               torch.int16, the bfloat16 bits (stored uint16)
             int8                   logits torch.int8; logits_scale, logits_offset torch.float32 [...]
-            topk_indices uint8     torch.uint8
+            uint8 top-k values     logits torch.uint8 codes; logits_scale torch.float32 [...]
+            topk_indices uint8     torch.uint8 (also every packed index array)
             topk_indices uint16    torch.int16 with the index's bits (>= 32768 reads negative)
             topk_indices uint32    torch.int32 with the index's bits
             logsumexp, log_tail    torch.float32 [...]
-        int8 raises KDCacheError on a row with NaN or +-inf, top-k on NaN or +inf (see the class doc).
+            sample_counts          torch.uint8
+        int8 raises KDCacheError on a row with NaN or +-inf, top-k and sample on NaN or +inf (see the class doc).
         """
         assert logits.shape[-1] == self.num_classes, (tuple(logits.shape), self.num_classes)
         x = logits.float()
+        if self.sample is not None:
+            _refuse(x, torch.isnan(x) | (x == math.inf), f"sampled ({self.sample} draws)")
+            return self._encode_sampled(x)
         if self.topk is not None:
             _refuse(x, torch.isnan(x) | (x == math.inf), f"top-{self.topk} logits")
             lse = torch.logsumexp(x, dim=-1, keepdim=True)
             values, indices = x.topk(self.topk, dim=-1, sorted=True)
             # the tail's log-mass from the unrounded row: logsumexp of every class not kept
             log_tail = torch.logsumexp(x.scatter(-1, indices, -math.inf), dim=-1) - lse.squeeze(-1)
-            if self.topk_values == "log_prob":
-                values = _clamp_finite(values - lse, self.dtype)
-            return {
-                "logits": round_float(values, self.dtype),
-                "topk_indices": _index_bits(indices, index_dtype(self.num_classes)),
-                "logsumexp": lse.squeeze(-1),
-                "log_tail": log_tail,
-            }
+            return {**self._topk_values(values, values - lse), "topk_indices": self._store_indices(indices),
+                    "logsumexp": lse.squeeze(-1), "log_tail": log_tail}
         if self.dtype == "int8":
             _refuse(x, ~torch.isfinite(x), "int8 logits")
             return _int8_encode(x)
         return {"logits": round_float(x, self.dtype)}
 
-    def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor | TopK:
+    def _topk_values(self, raw: torch.Tensor, log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored form of the K values: raw logits [..., K] float32 and their log-probabilities."""
+        if self.topk_values == "logit":
+            return {"logits": round_float(raw, "float32")}
+        if self.topk_values == "log_prob_code":
+            return _code_log_probs(log_probs)
+        return {"logits": round_float(_clamp_finite(log_probs, self.dtype), self.dtype)}
+
+    def _store_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """int64 class indices [..., n] -> their stored carrier (plain) or bytes (packed)."""
+        if self.indices == "packed":
+            return pack_indices(indices, self.index_bits)
+        return _index_bits(indices, index_dtype(self.num_classes))
+
+    def _read_indices(self, stored: torch.Tensor, n: int) -> torch.Tensor:
+        """Stored class indices (any carrier) -> int64 [..., n]."""
+        if self.indices == "packed":
+            return unpack_indices(stored, self.index_bits, n)
+        return _unsigned(stored)
+
+    def _encode_sampled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [..., C] float32 -> the S draws of every row, in row pieces of ~4M classes (the draws
+        hold a few float64 and int64 copies of a piece: ~200 MB, not a block's gigabytes)."""
+        lead, c = x.shape[:-1], self.num_classes
+        flat = x.reshape(-1, c)
+        step = max(1, (1 << 22) // c)
+        pieces = [self._draw(flat[i : i + step]) for i in range(0, flat.shape[0], step)]
+        if not pieces:
+            pieces = [self._draw(flat)]
+        joined = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+        return {k: t.reshape(*lead, *t.shape[1:]) for k, t in joined.items()}
+
+    def _draw(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """rows [R, C] float32 -> the stored arrays of their draws: inverse-CDF sampling of
+        softmax(rows / T) in float64 at counter-hash uniforms (_row_uniforms)."""
+        r, s = rows.shape[0], self.sample
+        log_q = torch.log_softmax(rows.double() / self.sample_temperature, dim=-1)  # [R, C]
+        cdf = log_q.exp().cumsum(-1)
+        u = _row_uniforms(rows, self.sample_seed, s) * cdf[:, -1:]  # in (0, total): class i on [cdf_{i-1}, cdf_i)
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=self.num_classes - 1).sort(-1).values  # [R, S]
+        first = torch.ones_like(drawn, dtype=torch.bool)
+        first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+        slot = first.long().cumsum(-1) - 1  # the distinct class each draw counts for
+        counts = torch.zeros(r, s, dtype=torch.long, device=rows.device).scatter_add_(1, slot, torch.ones_like(slot))
+        classes = torch.zeros_like(drawn).scatter_(1, slot, drawn)
+        counts, order = counts.sort(dim=-1, descending=True, stable=True)  # most drawn first: slot 0 is the top-1
+        classes = classes.gather(1, order)
+        used = counts > 0
+        classes = torch.where(used, classes, 0)
+        lq = torch.where(used, log_q.gather(1, classes), 0.0).float()
+        return {"logits": round_float(_clamp_finite(lq, self.dtype), self.dtype),
+                "sample_indices": self._store_indices(classes), "sample_counts": counts.to(torch.uint8)}
+
+    def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor | TopK | Sampled:
         """Tensors as encode() returns them, or as from_storage() reads them back, any leading shape.
 
-        Dense -> float32 [..., C]; int8 -> q * scale + offset, float32 [..., C]; topk -> TopK.
+        Dense -> float32 [..., C]; int8 -> q * scale + offset, float32 [..., C]; topk -> TopK;
+        sample -> Sampled.
         """
+        if self.sample is not None:
+            return Sampled(indices=self._read_indices(arrays["sample_indices"], self.sample),
+                           counts=arrays["sample_counts"].float(), log_q=_float_bits(arrays["logits"]),
+                           draws=self.sample, temperature=float(self.sample_temperature), num_classes=self.num_classes)
         if self.topk is not None:
             lse = arrays["logsumexp"].float()
-            values = _float_bits(arrays["logits"])
+            log_tail = arrays["log_tail"].float()
+            if self.topk_values == "logit":
+                values = _float_bits(arrays["logits"])  # the raw logits, bit for bit
+            else:
+                values = _stored_log_probs(self, arrays, lse, log_tail) + lse.unsqueeze(-1)
             return TopK(
-                values=values + lse.unsqueeze(-1) if self.topk_values == "log_prob" else values,  # raw logits
-                indices=_unsigned(arrays["topk_indices"]),
+                values=values,
+                indices=self._read_indices(arrays["topk_indices"], self.topk),
                 logsumexp=lse,
-                log_tail=arrays["log_tail"].float(),
+                log_tail=log_tail,
                 num_classes=self.num_classes,
             )
         if self.dtype == "int8":
@@ -329,31 +556,49 @@ class LogitCodec:
         return _float_bits(arrays["logits"])
 
 
+def _stored_log_probs(codec: LogitCodec, arrays: dict, lse: torch.Tensor, log_tail: torch.Tensor) -> torch.Tensor:
+    """A top-k store's values as log-probabilities at T = 1, [..., K] float32: rounded ones as stored,
+    float32 raw logits less lse, uint8 codes placed below the exact top mass 1 - tail (TopK.log_probs
+    rescales them all to that mass again, a no-op for the codes)."""
+    stored = arrays["logits"]
+    if codec.topk_values == "logit":
+        return _float_bits(stored) - lse.unsqueeze(-1)
+    if codec.topk_values == "log_prob":
+        return _float_bits(stored)
+    rel = torch.where(stored == CODE_ZERO, -math.inf, -stored.float() * arrays["logits_scale"].float().unsqueeze(-1))
+    # the codes fix the K log-probabilities up to one shift; the exact top mass 1 - tail fixes it
+    top = torch.log(-torch.expm1(log_tail))
+    return rel - torch.logsumexp(rel, dim=-1, keepdim=True) + top.unsqueeze(-1)
+
+
 def recode_topk(old: LogitCodec, new: LogitCodec, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Top-K arrays (as encode() returns them) -> `new`'s top-K' (K' <= K), any value dtype.
+    """Top-K arrays (as encode() returns them) -> `new`'s top-K' (K' <= K), any value dtype and index layout.
 
     The first K' of the sorted classes and the same logsumexp; values of the same dtype are kept bit
-    for bit, others rounded from the stored log-probabilities. The tail grows by the K - K' classes
-    dropped, with the probabilities training would give them (TopK.log_probs), so it stays exact
-    to the source's rounding of those classes.
+    for bit (uint8 codes with their scale), others made from the stored log-probabilities. Indices
+    of the same plain layout are kept bit for bit, others unpacked and stored anew. The tail grows
+    by the K - K' classes dropped, with the probabilities training would give them
+    (TopK.log_probs), so it stays exact to the source's rounding of those classes.
     """
     assert old.topk is not None and new.topk is not None and new.topk <= old.topk, (old, new)
     k = new.topk
-    stored = arrays["logits"]
-    if new.dtype == old.dtype:
-        values = stored[..., :k]
-    else:
-        values = _float_bits(stored[..., :k])
-        lse = arrays["logsumexp"].float().unsqueeze(-1)
-        if old.topk_values == "logit":
-            values = values - lse
-        values = round_float(_clamp_finite(values, new.dtype), new.dtype) if new.topk_values == "log_prob" else values + lse
+    lse = arrays["logsumexp"].float()
     log_tail = arrays["log_tail"].float()
+    if new.dtype == old.dtype:
+        values = {"logits": arrays["logits"][..., :k]}
+        if old.dtype == "uint8":  # codes below the row's largest: the first K' keep their meaning and scale
+            values["logits_scale"] = arrays["logits_scale"]
+    else:
+        log_probs = _stored_log_probs(old, arrays, lse, log_tail)[..., :k]
+        values = new._topk_values(log_probs + lse.unsqueeze(-1), log_probs)
+    if new.indices == old.indices == "plain":
+        indices = arrays["topk_indices"][..., :k]
+    else:
+        indices = new._store_indices(old._read_indices(arrays["topk_indices"], old.topk)[..., :k])
     if k < old.topk:
         dropped = old.decode(arrays).log_probs()[..., k:]
         log_tail = torch.logaddexp(log_tail, torch.logsumexp(dropped, dim=-1))
-    return {"logits": values, "topk_indices": arrays["topk_indices"][..., :k], "logsumexp": arrays["logsumexp"],
-            "log_tail": log_tail}
+    return {**values, "topk_indices": indices, "logsumexp": arrays["logsumexp"], "log_tail": log_tail}
 
 
 def _refuse(x: torch.Tensor, bad: torch.Tensor, what: str) -> None:
@@ -409,3 +654,51 @@ def _int8_encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
     q = torch.round((x - lo) / step).clamp_(0, 255) - 128  # clamp: (max - min) / scale may round past 255
     offset = lo + 128 * scale
     return {"logits": q.to(torch.int8), "logits_scale": scale.squeeze(-1), "logits_offset": offset.squeeze(-1)}
+
+
+def _code_log_probs(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sorted log-probabilities [..., K] -> uint8 codes of their distance below the row's largest,
+    c = round((log p_1 - log p_k) / scale), scale = (log p_1 - log p_K) / 254 per row (finite ones;
+    255: a class of probability 0). A row whose K are equal stores scale 0 and codes 0."""
+    rel = log_probs - log_probs[..., :1]  # <= 0, sorted descending; -inf for a ruled-out class
+    finite = torch.isfinite(rel)
+    span = torch.where(finite, -rel, 0.0).amax(dim=-1, keepdim=True)
+    scale = span / CODE_MAX
+    step = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.where(finite, torch.round(-rel / step).clamp_(0, CODE_MAX), float(CODE_ZERO))  # clamp: rounding past 254
+    return {"logits": codes.to(torch.uint8), "logits_scale": scale.squeeze(-1)}
+
+
+# --- counter-based hashing: the draws of sampled targets ------------------------------------
+# A row's draws depend on its logits and the seed only, never on the batch it came in, the device's
+# generator state or the rank: a resumed, re-run or converted dump stores the same classes. Integer
+# ops on non-negative int64 holding 32-bit values, so no product overflows and >> is logical.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in two 16-bit halves of c: no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash, Wellons' lowbias32 (bias 0.17 of an ideal hash's avalanche)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _row_uniforms(rows: torch.Tensor, seed: int, n: int) -> torch.Tensor:
+    """[R, C] float32 rows -> [R, n] float64 uniforms in (0, 1), a pure function of each row's bits,
+    the seed and the draw number."""
+    c = rows.shape[-1]
+    bits = rows.float().contiguous().view(torch.int32).long() & _M32
+    salt = _mix32(torch.arange(c, device=rows.device))  # a class's position matters, not just its value
+    h = _mix32(bits ^ salt).sum(-1)  # [R], < C * 2^32: no overflow below 2^31 classes
+    key = _mix32(_mix32((h ^ (h >> 32)) & _M32) ^ _mix32(torch.tensor(seed, device=rows.device)))
+    draw = _mul32(torch.arange(1, n + 1, device=rows.device), 0x9E3779B9)  # Weyl sequence of the draw numbers
+    u = _mix32((_mix32(key.unsqueeze(-1) ^ draw) + key.unsqueeze(-1)) & _M32)
+    return (u.double() + 0.5) / 2.0**32

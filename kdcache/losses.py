@@ -5,6 +5,7 @@ The trainer picks them by name from LOGIT_LOSSES / FEATURE_LOSSES and combines a
 
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -537,3 +538,46 @@ def topk_teacher_bins(teacher, T=4.0):
         tail = torch.where(torch.isinf(log_m), log_m, log_m - (1 - 1 / T) * log_q[..., -1])
         bins = torch.cat([bins, tail.unsqueeze(-1)], dim=-1)
     return F.log_softmax(bins, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled teachers: S classes drawn per row from the tempered teacher (kdcache.encodings.Sampled)
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_target_sampled(student_logits, teacher, T=4.0):
+    """Random-sampling KD: an unbiased estimate of soft_target's T^2 * KL(p_T || softmax(s / T)).
+
+    Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs", ACL 2025.
+    The teacher row is S classes j_1 .. j_S drawn with replacement from the proposal q = p_T (the
+    teacher's tempered distribution, stored with each class's log q_j), kept as distinct classes i
+    with counts c_i. Since KL(p || p^s) = E_{j ~ p}[log p_j - log p^s_j],
+        loss = T^2 * mean_batch sum_i (c_i / S) * (log q_i - log p^s_i),   p^s = softmax(s / T),
+    has expectation T^2 * KL exactly, and its gradient, -T^2 * sum_i (c_i / S) * d log p^s_i / ds,
+    has expectation -T^2 * sum_j p_j * d log p^s_j / ds, the full loss's gradient (the log q term
+    is a constant). Unbiased only at the proposal's temperature: at another T the tempered target
+    needs its normaliser, which S draws do not give; so T must be the one the targets were drawn at.
+    Where top-K targets bias every step the same way, these are noisy around the truth: with S ~ 12
+    the student matches full KD (the paper's finding on LLM pre-training).
+
+    Shapes: student_logits [B, C]; teacher a Sampled with indices, counts, log_q [B, S] and
+    num_classes C. Returns a scalar.
+    """
+    b, c = student_logits.shape
+    s = teacher.indices.shape[-1]
+    if teacher.num_classes != c or teacher.indices.shape != (b, s):
+        raise ValueError(
+            f"soft_target_sampled: student {tuple(student_logits.shape)} but teacher's {s} sampled classes "
+            f"{tuple(teacher.indices.shape)} of {teacher.num_classes}; the student needs the teacher's classes "
+            f"and the batch's rows (gather the Sampled with the same indices)"
+        )
+    if not math.isclose(T, teacher.temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"the sampled targets were drawn at temperature {teacher.temperature:g} and give an unbiased KD "
+            f"loss only there, not at {T:g}; train with --temperature {teacher.temperature:g}, or convert "
+            f"the full-precision store again with --sample-temperature {T:g}"
+        )
+    log_ps = F.log_softmax(student_logits / T, dim=1).gather(1, teacher.indices)
+    weights = teacher.weights().to(student_logits.dtype)  # 0 in unused slots: their log q of 0 adds nothing
+    per_row = (weights * (teacher.log_q.to(student_logits.dtype) - log_ps)).sum(dim=1)
+    return T * T * per_row.mean()

@@ -17,6 +17,8 @@ def describe_store(path: str) -> dict:
             "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
             "teacher": attrs.get("teacher"), "dtype": attrs.get("dtype"), "views": attrs.get("views"),
             "augment": attrs.get("augment"), "topk": attrs.get("topk"), "splits": {},
+            "encoding": attrs.get("encoding"), "sample": attrs.get("sample"),
+            "sample_temperature": attrs.get("sample_temperature"), "fidelity": attrs.get("fidelity"),
         }
         for split in store.group_names():
             split_attrs = store.get_attrs(split)
@@ -69,8 +71,11 @@ def format_report(r: dict) -> str:
         f"store      {r['path']}  ({'complete' if r['complete'] else 'INCOMPLETE'}, schema {r['schema_version']}, "
         f"kdcache {r['kdcache_version']}, created {r['created']})",
         f"teacher    {t.get('arch')}  {t.get('num_classes')} classes  weights sha256 {str(t.get('weights_sha256'))[:16]}",
-        f"encoding   {r['dtype']}, views {r['views']}, topk {r['topk'] or '-'}",
+        f"encoding   {r['dtype']}, views {r['views']}, topk {r['topk'] or '-'}"
+        + (f", sampled {r['sample']} draws at T {r['sample_temperature']:g}" if r.get("sample") else "")
+        + (f" ({r['encoding']})" if r.get("encoding") else ""),
     ]
+    lines += _fidelity_lines(r.get("fidelity"))
     a = r.get("augment")
     if a:
         mix = f", --mix {a['mix']} (alpha {a['mix_alpha']})" if a.get("mix") else ""
@@ -93,3 +98,16 @@ def format_report(r: dict) -> str:
             lines.append(f"  {'total':<28} {'':<20} {'':<8} {s['bytes_per_sample']:>8,} B/sample  "
                          f"{s['stored_bytes']:>12,} B on disk, {s['bytes_per_sample'] / views:,.0f} B/view")
     return "\n".join(lines)
+
+
+def _fidelity_lines(f: dict | None) -> list[str]:
+    """What `convert --budget` measured and chose (root attr fidelity), for format_report."""
+    if not f:
+        return []
+    chosen = next((c for c in f["candidates"] if c["name"] == f["chosen"]), {})
+    kl = "inf" if chosen.get("kl") is None else f"{chosen['kl']:.4g}"
+    return [f"fidelity   {f['chosen']} chosen for --budget {f['budget']} ({f['budget_bytes_per_sample']:,.1f} B/sample): "
+            f"{chosen.get('bytes_per_sample', 0):,.1f} B/sample on disk, KL {kl} and TV {chosen.get('tv', 0):.4g} at "
+            f"T {f['temperature']:g}, top-1 agreement {chosen.get('top1_agreement', 0):.2f}%, ECE {chosen.get('ece', 0):.4f} "
+            f"(full teacher {f['full_ece']:.4f}); measured on {f['samples']:,} samples of {f['split']} against the "
+            f"{f['source_dtype']} logits of {f['measured_from']}, {len(f['candidates'])} candidates"]
