@@ -18,7 +18,7 @@ from kdcache.targets import open_cache
 from kdcache.verify import verify_store
 from helpers.synthetic_store import stored
 from test_cli import run
-from test_remote import admin, bucket, module_bucket  # noqa: F401  (fixtures: a folder of an S3 bucket)
+from test_remote import point_at
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)
 
@@ -214,8 +214,15 @@ def test_convert_to_and_from_packed_uint8_and_across_backends(packed_cache, fp32
     assert torch.equal(a.indices, b.indices[..., :2]) and verify_store(plain) == []
 
 
-def test_a_packed_cache_at_an_s3_url_reads_and_trains_as_a_local_one(packed_cache, bucket, tmp_path):
-    url = f"{bucket}/p.zarr"
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A bucket of its own on the session's S3 server, with admin credentials in the environment."""
+    point_at(s3_server, monkeypatch)
+    return s3_server.create_bucket("kdc-packed")
+
+
+def test_a_packed_cache_at_an_s3_url_reads_and_trains_as_a_local_one(packed_cache, s3_bucket, tmp_path):
+    url = f"{s3_bucket}/p.zarr"
     convert_store(packed_cache, url)
     assert verify_store(url) == []
     remote, local = open_cache(url)["train"].logits, open_cache(packed_cache)["train"].logits
