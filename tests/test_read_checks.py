@@ -215,6 +215,18 @@ def test_a_load_in_pieces_reads_the_same_table_and_names_the_damaged_block_insid
         open_cache(path)["train"]
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_backends_name_the_rows_never_stored_and_read_rows_into_a_given_array(suffix, tmp_path):
+    values = np.arange(1, 61, dtype=np.float32).reshape(20, 3)
+    with stores.create_store(str(tmp_path / f"s{suffix}")) as s:
+        a = s.create_array("train/logits", shape=(20, 3), dtype="float32", chunks=(4, 3))
+        a[0:8], a[12:16] = values[0:8], values[12:16]
+        assert s.absent_rows("train/logits") == [(8, 12), (16, 20)]
+        out = np.zeros((4, 3), np.float32)
+        s.read_into("train/logits", 2, 6, out)
+        np.testing.assert_array_equal(out, values[2:6])
+
+
 def test_a_chunk_zarr_left_out_for_being_all_zeros_is_not_damage(tmp_path):
     """zarr stores no chunk that is all fill value: a block of class-0 labels has no file, and its
     recorded checksum, that of zeros, says that is right."""
