@@ -195,8 +195,9 @@ def _label_list(data) -> np.ndarray | None:
 # --- data that carries the index -----------------------------------------------------------
 
 def yields_index(dataset) -> bool:
-    """Whether `dataset`'s samples end with their row in the cache (WithIndex, replayed views, _Indexed)."""
-    return isinstance(dataset, (WithIndex, TrainViews, _Indexed))
+    """Whether `dataset`'s samples end with their row in the cache (WithIndex, replayed views, _Indexed,
+    or a wrapper that says so with a `yields_index` attribute)."""
+    return isinstance(dataset, (WithIndex, TrainViews, _Indexed)) or bool(getattr(dataset, "yields_index", False))
 
 
 class _Indexed(torch.utils.data.Dataset):
