@@ -29,7 +29,7 @@ _WRITTEN_ATTRS = ("layout", "checksums", "block_rows", "rows_written", "complete
 def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | None = None, overwrite: bool = False,
                   resume: bool = False, chunk_bytes: int | None = None, indices: str | None = None,
                   sample: int | None = None, sample_temperature: float | None = None, sample_seed: int | None = None,
-                  budget: str | None = None, temperature: float = 4.0) -> str:
+                  budget: str | None = None, temperature: float = 4.0, candidates=None) -> str:
     """Write the complete store `src` again at `dst` with logits in `dtype` / top-`topk` (None: SRC's;
     topk=0: dense) with `indices` plain or packed (None: SRC's), or as `sample` classes drawn per view
     at `sample_temperature` (default 4) with `sample_seed`; return `dst`. Zarr or HDF5 by `dst`'s suffix.
@@ -37,7 +37,8 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
     `budget` ("64B" per sample, or a total such as "40GB" over every split) instead picks the
     encoding: the most faithful candidate of the fidelity report (kdcache.fidelity, measured on
     SRC's train split at the training `temperature`) whose measured bytes fit; it is logged in one
-    line and its figures recorded in DST's root attrs (`fidelity`).
+    line and its figures recorded in DST's root attrs (`fidelity`). `candidates`: the encodings it
+    chooses among (fidelity.parse_candidate names; default fidelity.default_candidates).
 
     Labels, view records (view_seeds, mix_partner, ...) and activations are copied as stored;
     activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 and
@@ -69,20 +70,22 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
                 log.info(f"{dst} is already complete; nothing to resume")
                 return dst
             if budget is not None:  # measured once DST is known to be wanted: the sample takes seconds
-                new, fidelity = _plan_budget(source, src, dst, attrs, budget, temperature)
+                new, fidelity = _plan_budget(source, src, dst, attrs, budget, temperature, candidates)
             chunk_bytes = chunk_bytes or (attrs.get("config") or {}).get("chunk_bytes") or stores.CHUNK_BYTES
             _convert(source, src, attrs, old, new, dst, action, chunk_bytes, fidelity)
     return dst
 
 
-def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperature: float) -> tuple[LogitCodec, dict]:
+def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperature: float,
+                 candidates) -> tuple[LogitCodec, dict]:
     """(DST's codec, the fidelity record for DST's attrs): the most faithful candidate within `budget`."""
     from kdcache import fidelity
 
     amount, per_sample = fidelity.parse_budget(budget)
     total = sum(source.array(f"{split}/logits").shape[0] for split in attrs["splits"])
     per = amount if per_sample else amount / max(total, 1)
-    report = fidelity.measure(src, temperature=temperature, suffix=stores.backend_for(dst).suffixes[0])
+    report = fidelity.measure(src, temperature=temperature, candidates=candidates,
+                              suffix=stores.backend_for(dst).suffixes[0])
     best, line = fidelity.choose(report, per)
     if not per_sample:
         line = f"{budget} over {total:,} samples; {line}"
