@@ -11,7 +11,6 @@ epoch (FKD, ECCV 2022, replays crops the same way) after checking a sample of di
 from __future__ import annotations
 
 import hashlib
-import importlib
 import random
 import re
 import warnings
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kdcache.imports import user_callable
 from kdcache.errors import KDCacheError, closest
 
 # --- presets: small transform recipes on the dataset's normalized [C, H, W] tensors ------------
@@ -108,12 +108,7 @@ def build_augmentation(spec: str, data) -> Augmentation:
         size = tuple(data.dataset[0][0].shape[-2:])
         fill = data.background if isinstance(data.background, (int, float)) else list(data.background)
         return Augmentation(spec, PRESETS[spec](size, fill))
-    module, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise KDCacheError(f"cannot load augmentation '{spec}' ({e}); give module:callable importable from here") from None
-    transform = fn()
+    transform = user_callable(spec, "augmentation")()
     if not callable(transform):
         raise KDCacheError(f"augmentation '{spec}' returned a {type(transform).__name__}, not a transform; "
                            "the callable must return a function of a [C, H, W] tensor")

@@ -8,13 +8,13 @@ classes made from digits), `fake[:size=N,classes=C,image=S]`
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from kdcache.imports import user_callable
 from kdcache.errors import KDCacheError, closest
 
 DATASETS: dict = {}
@@ -339,12 +339,7 @@ def _imagefolder(path: str, split: str, image: int = 224) -> SplitData:
 
 
 def _user_dataset(spec: str, split: str, root) -> SplitData:
-    module, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise KDCacheError(f"cannot load dataset '{spec}' ({e}); give module:callable importable from here") from None
-    ds = fn(split=split, root=root)
+    ds = user_callable(spec, "dataset")(split=split, root=root)
     labels = getattr(ds, "targets", None)
     if labels is None:
         labels = [int(ds[i][1]) for i in range(len(ds))]

@@ -6,7 +6,6 @@ Also kdcache checkpoints: what a trained student or teacher is saved as, and how
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import os
 import warnings
@@ -16,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdcache.imports import user_callable
 from kdcache.errors import KDCacheError, closest
 
 __all__ = [
@@ -396,27 +396,7 @@ def _accepts(fn: Callable, param: str) -> bool:
 
 
 def _resolve_callable(spec: str) -> Callable:
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise KDCacheError(f"model '{spec}' is not of the form module:callable (e.g. mypkg.nets:make_net)")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise KDCacheError(
-            f"cannot import module '{module_name}' for model '{spec}' ({e}); "
-            "install it or add its folder to PYTHONPATH"
-        ) from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            raise KDCacheError(
-                f"'{module_name}' has no attribute '{attr_path}' for model '{spec}'; "
-                f"did you mean {closest(part, public)}?"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise KDCacheError(f"model '{spec}' names a {type(obj).__name__}, not a callable that builds a model")
-    return obj
+    return user_callable(spec, "model")
 
 
 def check_model_name(name: str) -> None:

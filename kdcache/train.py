@@ -474,7 +474,9 @@ def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:
     runs = [(name, mode) for name in cfg.students]
     if cfg.baseline and mode != "plain":
         runs += [(name, "baseline") for name in cfg.students]
-    folders = {run: os.path.join(cfg.out, run[0] + ("-baseline" if run[1] == "baseline" else "")) for run in runs}
+    # "mymod:net" -> OUT/mymod.net: a colon in a folder name breaks PATH-like lists, Windows, and scp
+    folders = {run: os.path.join(cfg.out, run[0].replace(":", ".") + ("-baseline" if run[1] == "baseline" else ""))
+               for run in runs}
     for folder in folders.values():
         if os.path.exists(os.path.join(folder, "model.pt")) and not (cfg.overwrite or cfg.resume):
             raise KDCacheError(f"'{folder}' already holds a trained student; pass --resume to keep it, "

@@ -291,8 +291,10 @@ def test_build_teacher_with_weights_that_do_not_fit_says_what_differs(tmp_path):
 
 
 def test_build_teacher_random_by_name_has_no_weights_hash():
-    teacher, info = build_teacher("cnn_tiny", num_classes=10)
+    teacher, info = build_teacher("cnn_tiny", num_classes=10, random_ok=True)  # --random-teacher
     assert not teacher.training and info["weights_sha256"] is None
+    with pytest.raises(KDCacheError, match="--random-teacher"):
+        build_teacher("cnn_tiny", num_classes=10)
     with pytest.raises(KDCacheError, match="num_classes"):
         build_teacher("cnn_tiny", num_classes=None)
     with pytest.raises(KDCacheError, match="does not exist"):

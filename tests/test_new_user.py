@@ -74,3 +74,17 @@ def test_online_kd_takes_a_teacher_by_name_with_its_weights(teacher_ckpt, capsys
     assert code == 0, err
     teacher_top1 = float(out.strip().splitlines()[-1].split()[-1])  # the table's teacher row: the trained one
     assert "online_kd epoch 1/1" in out and teacher_top1 > 50
+
+
+def test_a_users_module_in_the_current_folder_works_without_pythonpath(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def tiny(num_classes, in_chans=1):\n"
+        "    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(in_chans * 16, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    code, out, err = run(capsys, "train-student", "--student", "mynets:tiny", "--dataset", "digits", "--epochs", "1",
+                         "--out", "o")
+    assert code == 0, err
+    assert os.path.exists(tmp_path / "o" / "mynets.tiny" / "model.pt")  # no colon in a folder name

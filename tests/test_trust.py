@@ -177,7 +177,7 @@ def test_a_checkpoint_naming_the_users_own_code_loads_when_the_user_names_it(tea
 def test_resuming_a_sweep_loads_a_finished_student_the_user_names_as_code(teacher_ckpt, tmp_path, code, capsys):
     module, mark = code
     out = tmp_path / "out"
-    crafted_checkpoint(teacher_ckpt, out / f"{module}:net" / "model.pt", f"{module}:net")  # trained earlier
+    crafted_checkpoint(teacher_ckpt, out / f"{module}.net" / "model.pt", f"{module}:net")  # trained earlier
     status, text, err = run(capsys, "train-student", "--student", f"{module}:net", "--epochs", "1", "--out", str(out),
                             "--resume")
     assert status == 0 and f"{module}:net" in text and (out / "summary.csv").exists(), err
