@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
-from kdcache.models import build_teacher, get_module
+from kdcache.models import build_teacher, get_module, weights_sha256
 from kdcache.progress import Progress, log
 
 
@@ -33,15 +32,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise KDCacheError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """Identity of weights that came from no file (a name-only teacher)."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
@@ -81,7 +71,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
     teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
                                   weights=cfg.weights, random_ok=cfg.random_teacher)
     teacher.to(device).eval()
-    info = dict(info, weights_sha256=info.get("weights_sha256") or state_dict_sha256(teacher))
+    info = dict(info, weights_sha256=info.get("weights_sha256") or weights_sha256(teacher))  # a random one too
     activations = [parse_activation(a) for a in cfg.activations]
     if len({name for name, _ in activations}) != len(activations):
         raise KDCacheError("--activation names a module twice; store each module in one form")

@@ -706,11 +706,15 @@ def model_from_checkpoint(ckpt: dict, *, arch: str | None = None, path: str | No
     return model
 
 
-def _sha256(path: str) -> str:
+def weights_sha256(model: nn.Module) -> str:
+    """Identity of a model's weights: sha256 over its state dict's names and tensor bytes, in name
+    order. Not of a file: the same weights in a checkpoint, a raw state dict or a DataParallel
+    wrapper (and saved on another day) have one hash."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(value.dtype).encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -767,7 +771,7 @@ def build_teacher(
             "arch_kwargs": dict(ckpt["arch_kwargs"]),
             "num_classes": ckpt["num_classes"],
             "in_chans": ckpt["in_chans"],
-            "weights_sha256": _sha256(spec),
+            "weights_sha256": weights_sha256(model),
         }
         return model.eval(), info
 
@@ -791,10 +795,10 @@ def build_teacher(
             # a checkpoint of this very model (--teacher mymod:net --weights its model.pt): built as it was trained
             ckpt = _checked(obj, weights)
             in_chans, arch_kwargs = ckpt["in_chans"], dict(ckpt["arch_kwargs"])
-        sha = _sha256(weights)
     model = create_model(spec, num_classes=num_classes, in_chans=in_chans, **arch_kwargs)
     if obj is not None:
         _load_fitting(model, _state_dict_from(obj, weights), source=weights, arch=spec)
+        sha = weights_sha256(model)
     info = {
         "arch": spec, "arch_kwargs": arch_kwargs, "num_classes": num_classes, "in_chans": in_chans, "weights_sha256": sha
     }

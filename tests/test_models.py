@@ -3,7 +3,6 @@
 Everything runs on CPU in seconds with random weights; nothing is downloaded.
 """
 
-import hashlib
 import textwrap
 
 import pytest
@@ -18,6 +17,7 @@ from kdcache.models import (
     create_model,
     get_module,
     list_layers,
+    weights_sha256,
     load_checkpoint,
     model_from_checkpoint,
     model_names,
@@ -254,7 +254,7 @@ def test_build_teacher_from_checkpoint(tmp_path):
     teacher, info = build_teacher(str(path), num_classes=None)
     assert not teacher.training
     assert info == {"arch": "cnn_tiny", "arch_kwargs": {}, "num_classes": 10, "in_chans": 3,
-                    "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                    "weights_sha256": weights_sha256(model)}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(teacher(x), model(x))
@@ -274,7 +274,7 @@ def test_build_teacher_from_name_and_weights(tmp_path, wrap):
     teacher, info = build_teacher("resnet8", num_classes=7, weights=str(path))
     assert not teacher.training
     assert info["arch"] == "resnet8" and info["num_classes"] == 7
-    assert info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["weights_sha256"] == weights_sha256(model)  # the tensors', however the file wraps them
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(teacher(x), model(x))
@@ -299,3 +299,16 @@ def test_build_teacher_random_by_name_has_no_weights_hash():
         build_teacher("cnn_tiny", num_classes=None)
     with pytest.raises(KDCacheError, match="does not exist"):
         build_teacher("runs/resnet8/model.pt", num_classes=None)
+
+
+def test_the_same_weights_have_one_hash_in_any_file(tmp_path):
+    model = _trained_a_little("cnn_tiny")
+    _save_ckpt(tmp_path / "model.pt", model, arch="cnn_tiny")
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    hashes = {build_teacher(str(tmp_path / "model.pt"), num_classes=None)[1]["weights_sha256"]}
+    hashes |= {build_teacher("cnn_tiny", num_classes=10, weights=str(tmp_path / f))[1]["weights_sha256"]
+               for f in ("raw.pt", "dp.pt")}
+    assert len(hashes) == 1
+    torch.manual_seed(1)
+    assert weights_sha256(create_model("cnn_tiny", num_classes=10)) not in hashes  # other weights, another hash
