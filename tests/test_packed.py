@@ -229,3 +229,19 @@ def test_a_packed_cache_at_an_s3_url_reads_and_trains_as_a_local_one(packed_cach
     assert torch.equal(remote.indices, local.indices) and torch.equal(remote.values, local.values)
     rows = train_student(cache=url, students=["cnn_tiny"], out=str(tmp_path), targets_in="stream", **FAST)
     assert math.isfinite(rows[0]["top1"])
+
+
+def test_a_torchrun_dump_of_packed_uint8_targets_is_the_one_process_dump(teacher_ckpt, tmp_path):
+    from helpers.torchrun import kdcache
+    from test_distributed_dump import DATA, assert_same_store
+
+    # 4-byte rows of codes: 256-row blocks, train's 6 split 3/3 between 2 ranks, on whole batches of 64
+    options = dict(dtype="uint8", topk=4, topk_indices="packed", chunk_bytes=1024, batch_size=64)
+    single = dump_teacher(teacher=teacher_ckpt, dataset=DATA, out=str(tmp_path / "one.zarr"), **options)
+    config = tmp_path / "c.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in options.items()))
+    out = tmp_path / "two.zarr"
+    done = kdcache(["dump-teacher", "--teacher", teacher_ckpt, "--dataset", DATA, "--out", str(out), "--config",
+                    str(config)], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_store(str(out), single)
