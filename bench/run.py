@@ -47,11 +47,15 @@ Sections beyond the speed targets, each in its own module:
    epoch gathered) / a sequential block-by-block read of the same store, target >= 0.8.
 7. bench/scale.py: 1.28M x 1000 stores in float16, int8, top-32, top-8: bytes, write time, and
    each one's training process's peak RSS beyond the model and images (top-32 < 2 GB). --skip-scale.
-8. bench/quality.py: a student's top-1 on digit-pairs from int8, top-32 and top-8 targets against
-   float16 (top-32 within 0.5 point). --skip-quality.
+8. bench/quality.py: a student's top-1 on digit-pairs from int8, top-32, top-8, packed uint8 top-32 and
+   top-8, and 12 sampled classes against float16 (top-32 within 0.5 point, packed uint8 top-32 within
+   0.3), and convert --budget's pick against the best encoding within each budget (within 0.2). --skip-quality.
 9. bench/checked_loads.py: loading 50k x 1000 float16 targets into memory with every block checked
    against its recorded crc32 / the same arrays read unchecked, zarr and HDF5, target >= 0.9.
-Synthetic stores (3, 5, 6, 7, 9) come from bench/synthetic.py: logits with class structure, written
+10. bench/compact_bytes.py: bytes per sample at 1,000 classes of float16, int8, top-32, top-8, top-k
+   with packed indices and uint8 values, and sampled targets, beside kdcache fidelity's KL / TV / top-1
+   agreement and what convert --budget picks (top-32 packed uint8 <= 100 B).
+Synthetic stores (3, 5, 6, 7, 9, 10) come from bench/synthetic.py: logits with class structure, written
 as `dump-teacher` writes them. Every section prints its wall time.
 
 Run: `.venv/bin/python bench/run.py` (`make bench`, ~12 minutes on 2 idle CPU cores); `--rounds N`
@@ -75,6 +79,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench's modules, when run as a script
 
 import checked_loads  # noqa: E402
+import compact_bytes  # noqa: E402
 import encoding_costs  # noqa: E402
 import quality  # noqa: E402
 import scale  # noqa: E402
@@ -111,7 +116,7 @@ SIZES = {
 }
 # --quick: sizes per section (keyword arguments of its function) that only check that it runs
 QUICK_ROWS = {3: dict(rows=20_000), 5: dict(rows=4096), "5c": dict(rows=4096), 6: dict(rows=12_000),
-              7: dict(rows=50_000), 9: dict(rows=4096),
+              7: dict(rows=50_000), 9: dict(rows=4096), 10: dict(rows=2048, fidelity_rows=256),
               8: dict(seeds=(0,), dataset="digit-pairs:size=2000,test_size=400", teacher_epochs=1, student_epochs=1)}
 READ_ROWS, READ_CLASSES, READ_BATCH = 200_000, 1000, 256  # figure 3's stores: 400 MB of float16 logits
 READ_CODECS = {  # figure 3's tables: dense float16 (3), int8 with per-row scale and offset (3c), top-32 (3d)
@@ -406,7 +411,7 @@ def section(number: int, title: str, run):
     return result
 
 
-SECTIONS = 9
+SECTIONS = 10
 SECTION_SECONDS: dict = {}
 
 
@@ -507,6 +512,12 @@ def main(argv=None) -> int:
                                                                                           **rows.get(9, {})))
         figures += checked_figures
         info.append(checked_info)
+
+        compact_figures, compact_lines = section(10, "compact encodings at 1,000 classes: bytes and fidelity",
+                                                 lambda: compact_bytes.bench_compact_bytes(work, **rows.get(10, {})))
+        figures += compact_figures
+        tables.append((f"10. compact encodings at 1,000 classes (bench/compact_bytes.py), section time "
+                       f"{SECTION_SECONDS[10]:.0f} s", compact_lines))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
