@@ -480,8 +480,11 @@ def stored_recipe(store, data, recorded: dict, *, named: str | None = None) -> V
     transform is the recorded preset, or the recorded module:callable if it is `named` (the user's
     --augment), see check_stored_preset."""
     check_stored_preset(recorded.get("preset"), named, store.path)
-    stored = {name: np.asarray(store.read(f"{data.split}/{name}"))
-              for name in (*RECORDS, *MIX_RECORDS) if store.has_array(f"{data.split}/{name}")}
+    from kdcache.verify import CheckedReads
+
+    names = [name for name in (*RECORDS, *MIX_RECORDS) if store.has_array(f"{data.split}/{name}")]
+    reads = CheckedReads(store, data.split, names) if names else None  # each block against its recorded crc32
+    stored = {name: reads.read(name) for name in names}
     return ViewRecipe(data.dataset, build_augmentation(recorded["preset"], data), base_seed=recorded["seed"],
                       labels=data.labels, num_classes=data.num_classes, mix=recorded["mix"],
                       mix_alpha=recorded["mix_alpha"] or 1.0, stored=stored)

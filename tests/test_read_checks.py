@@ -278,3 +278,21 @@ def test_a_schema_1_store_with_a_missing_logits_chunk_is_refused(fp32_cache, tmp
     delete_chunk(path)
     with pytest.raises(KDCacheError, match=r"train/logits block 0 \(rows 0-1436\) is missing from the store"):
         open_cache(path)["train"]
+
+
+def test_replayed_views_read_their_seeds_checked_too(view_cache, tmp_path, capsys):
+    # view_seeds decide which inputs the student sees: a garbled chunk must not replay other views
+    path = copy_of(view_cache, tmp_path)
+    seeds = os.path.join(path, "train", "view_seeds", "c")
+    chunk = os.path.join(seeds, *next((os.path.relpath(os.path.join(d, f), seeds).split(os.sep)
+                                        for d, _, files in os.walk(seeds) for f in files)))
+    with open(chunk, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--cache", path, *TRAIN, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train/view_seeds block 0" in err and "kdcache verify" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "cnn_tiny" / "model.pt").exists()
