@@ -217,14 +217,14 @@ def fidelity_cmd(store, split, candidates, temperature, rows, as_json):
 
 @cli.command("layers")
 @click.argument("model")
-@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--num-classes", type=int, default=10, show_default=True, help="Classes of a model given by name.")
 @click.option("--input-size", type=int, default=32, show_default=True, help="Height and width of the probe input.")
 def layers_cmd(model, num_classes, input_size):
-    """List a model's dotted module names with output shapes (names for --activation, --feature)."""
-    from kdcache.models import create_model, list_layers
+    """List a model's (a name's, or a checkpoint's) dotted module names with output shapes (for --activation, --feature)."""
+    from kdcache.models import layers_model, list_layers
 
-    net = create_model(model, num_classes=num_classes)
-    for layer in list_layers(net, (1, 3, input_size, input_size)):
+    net, in_chans = layers_model(model, num_classes=num_classes)
+    for layer in list_layers(net, (1, in_chans, input_size, input_size)):
         shape = "x".join(map(str, layer["shape"][1:])) if layer["shape"] else "-"
         click.echo(f"{layer['name'] or '(model)':<32} {layer['type']:<20} {shape:<14} {layer['params']:>10,}")
 

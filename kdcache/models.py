@@ -481,6 +481,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def layers_model(spec: str, *, num_classes: int) -> tuple[nn.Module, int]:
+    """`kdcache layers SPEC`: the model a name or a kdcache checkpoint describes, and its input channels."""
+    if os.path.isfile(spec):
+        ckpt = load_checkpoint(spec)
+        return model_from_checkpoint(ckpt, path=spec).eval(), ckpt["in_chans"]
+    return create_model(spec, num_classes=num_classes), 3
+
+
 def list_layers(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> list[dict]:
     """Every named submodule, in definition order, with its output shape on a zero input.
 

@@ -88,3 +88,10 @@ def test_a_users_module_in_the_current_folder_works_without_pythonpath(tmp_path,
                          "--out", "o")
     assert code == 0, err
     assert os.path.exists(tmp_path / "o" / "mynets.tiny" / "model.pt")  # no colon in a folder name
+
+
+def test_layers_lists_a_checkpoints_modules(teacher_ckpt, capsys):
+    code, out, err = run(capsys, "layers", teacher_ckpt)
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
+    assert "conv1.conv" in names and "layer1" in names  # the trained cnn_small's modules
