@@ -1,5 +1,8 @@
 """Plain PyTorch: the cached teacher of a split is a function of sample indices; a loop built on it
 trains as online KD does; data that is not the cache's is refused before any step."""
+import importlib
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +148,19 @@ def test_evaluate_reports_top1_and_agreement_with_the_cached_teacher(teacher_ckp
     test = load_split("digits", "test")
     metrics = evaluate(live(teacher_ckpt), test, teacher=Teacher(fp32_cache, "test"))
     assert metrics["agreement"] == 100.0 and metrics["top1"] > 50
+
+
+@pytest.mark.parametrize("framework, extra", [("fastai", "fastai"), ("lightning", "lightning"), ("hf", "hf")])
+def test_a_framework_that_is_not_installed_names_its_extra(framework, extra, monkeypatch):
+    module = importlib.import_module(f"kdcache.integrations.{framework}")
+    entry = {"fastai": lambda: module.indexed(None),
+             "lightning": lambda: module.indexed(object()),
+             "hf": lambda: module.DistillationTrainer}[framework]
+    for cached in ("_callback_class", "_trainer_class"):
+        if hasattr(module, cached):
+            monkeypatch.setattr(module, cached, getattr(module, cached).__wrapped__)  # no class built earlier
+    for name in ("fastai.callback.core", "lightning.pytorch", "transformers"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an absent package looks like to import
+    with pytest.raises(KDCacheError, match=rf"pip install 'kdcache\[{extra}\]'") as e:
+        entry()
+    assert "\n" not in str(e.value)

@@ -173,11 +173,19 @@ def check_data(cache: Cache, split: str, data) -> None:
                                f"{stored[bad[0]]}: another dataset or another order; use the dataset in the order it was dumped")
         return
     for i in np.linspace(0, n - 1, num=min(LABEL_PROBES, n), dtype=np.int64):
-        y = data[int(i)][1]
-        y = torch.as_tensor(y)
-        if y.numel() == 1 and not y.dtype.is_floating_point and int(y) != stored[i]:
+        y = label_of(data[int(i)])
+        if y is not None and int(y) != stored[i]:
             raise KDCacheError(f"{where}, but sample {i} has label {int(y)} where the cache has {stored[i]}: another "
                                "dataset or another order; use the dataset in the order it was dumped")
+
+
+def label_of(item) -> int | None:
+    """The class of one sample, (x, y, ...) or a dict with "labels" or "label"; None for a soft label."""
+    y = item.get("labels", item.get("label")) if isinstance(item, dict) else item[1]
+    if y is None:
+        return None
+    y = torch.as_tensor(y)
+    return int(y) if y.numel() == 1 and not y.dtype.is_floating_point else None
 
 
 def _label_list(data) -> np.ndarray | None:
@@ -319,6 +327,10 @@ class Distiller:
             raise KDCacheError(f"the student predicts {pred.shape[1]} classes but the cache's teacher "
                                f"{teacher.num_classes}; build the student with num_classes={teacher.num_classes}")
         out = teacher.gather(index)
+        logits = out["logits"]  # a tensor, or a compact form (TopK) with its own .to
+        if not isinstance(logits, torch.Tensor) or logits.device != pred.device:  # a host table, an accelerator student
+            out = {"logits": out["logits"].to(pred.device),
+                   "activations": {n: t.to(pred.device) for n, t in out["activations"].items()}}
         fm_s = {}
         for name in self.activations_student:
             if not isinstance(features.get(name), torch.Tensor):
@@ -328,9 +340,10 @@ class Distiller:
         fm_t = {name: out["activations"][name] for name in self.activations_teacher}
         if isinstance(self.loss, str):
             return self._named_loss(pred, out["logits"], target, fm_s, fm_t)
-        if isinstance(out["logits"], TopK):
+        if not isinstance(out["logits"], torch.Tensor):
+            kind = "top-k" if isinstance(out["logits"], TopK) else type(out["logits"]).__name__
             raise KDCacheError(f"{getattr(self.loss, '__name__', 'this loss')} takes dense teacher logits, and this "
-                               "cache is top-k; use loss='soft_target' (kdcache's, which reads top-k targets)")
+                               f"cache is {kind}; use loss='soft_target' (kdcache's, which reads compact targets)")
         return self.loss(pred=pred, teacher_pred=out["logits"], fm_s=fm_s, fm_t=fm_t, target=target)
 
     def _named_loss(self, pred, teacher_logits, target, fm_s, fm_t):
