@@ -19,6 +19,7 @@ def describe_store(path: str) -> dict:
             "augment": attrs.get("augment"), "topk": attrs.get("topk"), "splits": {},
             "encoding": attrs.get("encoding"), "sample": attrs.get("sample"),
             "sample_temperature": attrs.get("sample_temperature"), "fidelity": attrs.get("fidelity"),
+            "converted_from": attrs.get("converted_from"), "autocast": attrs.get("autocast"),
         }
         for split in store.group_names():
             split_attrs = store.get_attrs(split)
@@ -75,6 +76,11 @@ def format_report(r: dict) -> str:
         + (f", sampled {r['sample']} draws at T {r['sample_temperature']:g}" if r.get("sample") else "")
         + (f" ({r['encoding']})" if r.get("encoding") else ""),
     ]
+    c = r.get("converted_from")
+    while c:  # the whole chain, newest first
+        lines.append(f"converted  from {c.get('path')} ({c.get('dtype')}, topk {c.get('topk') or '-'}, "
+                     f"kdcache {c.get('kdcache_version')}, created {c.get('created')})")
+        c = c.get("converted_from")
     lines += _fidelity_lines(r.get("fidelity"))
     a = r.get("augment")
     if a:

@@ -173,7 +173,8 @@ def evaluate(model, loader, device, teacher_pred: torch.Tensor | None = None) ->
         if teacher_pred is not None:
             agree += (top[:, 0].cpu() == teacher_pred[index]).sum().item()
         n += len(y)
-    metrics = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
+    # top-5 of 5 classes or fewer is 100% by construction: reported as None ("-"), not as a result
+    metrics = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n if out.shape[1] > 5 else None}
     if teacher_pred is not None:
         metrics["agreement"] = 100.0 * agree / n
     return metrics

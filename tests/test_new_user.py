@@ -95,3 +95,21 @@ def test_layers_lists_a_checkpoints_modules(teacher_ckpt, capsys):
     assert code == 0, err
     names = [line.split()[0] for line in out.splitlines()]
     assert "conv1.conv" in names and "layer1" in names  # the trained cnn_small's modules
+
+
+def test_inspect_shows_what_a_store_was_converted_from(fp32_cache, tmp_path, capsys):
+    from kdcache.convert import convert_store
+
+    top4 = convert_store(fp32_cache, str(tmp_path / "k4.zarr"), topk=4)
+    top2 = convert_store(top4, str(tmp_path / "k2.h5"), topk=2)
+    code, out, err = run(capsys, "inspect", top2)
+    converted = [line for line in out.splitlines() if line.startswith("converted")]
+    assert code == 0 and len(converted) == 2, out
+    assert top4 in converted[0] and fp32_cache in converted[1] and "float32" in converted[1]
+
+
+def test_top5_is_not_reported_for_five_classes_or_fewer(tmp_path):
+    from kdcache import train_student
+
+    row, = train_student(students=["cnn_tiny"], dataset="fake:size=64,classes=2,image=16", epochs=1, out=str(tmp_path))
+    assert row["top5"] is None and row["top1"] is not None
