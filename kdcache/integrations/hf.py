@@ -22,7 +22,7 @@ from kdcache.errors import KDCacheError
 from kdcache.integrations import require
 from kdcache.integrations.plain import Distiller, Teacher, check_data, label_of, yields_index
 
-__all__ = ["DistillationTrainer", "IndexCollator", "indexed"]
+__all__ = ["IndexCollator", "IndexedDataset", "indexed"]  # and DistillationTrainer, built on first use (__getattr__)
 
 INDEX = "index"  # the column that carries each sample's row in the cache
 
