@@ -319,7 +319,10 @@ TORCHVISION = {
 }
 
 
-def _imagefolder(path: str, split: str, image: int = 224) -> SplitData:
+def _imagefolder(path: str, split: str, image: int | None = None) -> SplitData:
+    """A folder of one subfolder per split, one sub-subfolder per class. Images are resized to
+    `image` (image=S) pixels on the short side and centre-cropped to S x S; without it, S is the
+    first image's short side (a 32x32 folder stays 32x32: a silent 224 trained at chance)."""
     from torchvision import datasets, transforms
 
     if not os.path.isdir(path):
@@ -328,10 +331,20 @@ def _imagefolder(path: str, split: str, image: int = 224) -> SplitData:
     if not os.path.isdir(folder):
         found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         raise KDCacheError(f"imagefolder '{path}' has no split '{split}'; its splits are {', '.join(found) or 'none'}")
-    image = int(image)
-    tf = transforms.Compose([transforms.Resize(image * 8 // 7), transforms.CenterCrop(image), transforms.ToTensor(),
+    ds = datasets.ImageFolder(folder)
+    if image is None:
+        from PIL import Image
+
+        with Image.open(ds.samples[0][0]) as first:
+            image, resize = min(first.size), min(first.size)  # the images' own scale: no zoom
+    else:
+        image = int(image)
+        resize = image * 8 // 7  # the ImageNet eval recipe: resize to 8/7, centre crop
+    if image < 1:
+        raise KDCacheError(f"imagefolder option image={image} must be a positive size in pixels")
+    tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    ds = datasets.ImageFolder(folder, transform=tf)
+    ds.transform = tf
     paths = [os.path.relpath(p, path) for p, _ in ds.samples]  # relative: a moved copy keeps its fingerprint
     return SplitData(name=f"imagefolder:{path}", split=split, dataset=ds, labels=np.asarray(ds.targets, dtype=np.int64),
                      num_classes=len(ds.classes), class_names=list(ds.classes), transform=repr(tf).replace("\n", ""),
@@ -389,7 +402,15 @@ def load_split(spec: str, split: str, *, root: str | None = None, stored_in: str
         data = _torchvision_split(name, cls_name, split, root, splits, make_kwargs, gray)
     elif name == "imagefolder" and colon:
         path, _, opts = rest.partition(",")
-        data = _imagefolder(path, split, **_parse_options(opts))
+        options = _parse_options(opts)
+        if set(options) - {"image"}:
+            raise KDCacheError(f"imagefolder takes one option, image=SIZE (pixels), not {', '.join(sorted(options))}; "
+                               f"e.g. imagefolder:{path},image=224")
+        try:
+            size = int(options["image"]) if "image" in options else None
+        except ValueError:
+            raise KDCacheError(f"imagefolder option image={options['image']!r} is not a size in pixels") from None
+        data = _imagefolder(path, split, size)
     elif colon:
         data = _user_dataset(spec, split, root)
     else:

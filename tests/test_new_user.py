@@ -113,3 +113,23 @@ def test_top5_is_not_reported_for_five_classes_or_fewer(tmp_path):
 
     row, = train_student(students=["cnn_tiny"], dataset="fake:size=64,classes=2,image=16", epochs=1, out=str(tmp_path))
     assert row["top5"] is None and row["top1"] is not None
+
+
+def test_an_imagefolder_keeps_its_images_size_unless_told_and_refuses_unknown_options(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from kdcache.data import load_split
+    from kdcache.errors import KDCacheError
+
+    for i, cls in enumerate(("cat", "dog")):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "train" / cls / "a.png")
+    assert load_split(f"imagefolder:{tmp_path}", "train").dataset[0][0].shape == (3, 32, 32)  # not a silent 224
+    assert load_split(f"imagefolder:{tmp_path},image=24", "train").dataset[0][0].shape == (3, 24, 24)
+    for bad, says in (("size=32", "takes one option, image=SIZE"), ("image=big", "not a size in pixels")):
+        with pytest.raises(KDCacheError, match=says):
+            load_split(f"imagefolder:{tmp_path},{bad}", "train")
+    code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", f"imagefolder:{tmp_path},size=32",
+                       "--out", tmp_path / "o")
+    assert code == 2 and "image=SIZE" in one_line(err)
