@@ -479,9 +479,14 @@ def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:
     folders = {run: os.path.join(cfg.out, run[0].replace(":", ".") + ("-baseline" if run[1] == "baseline" else ""))
                for run in runs}
     for folder in folders.values():
-        if os.path.exists(os.path.join(folder, "model.pt")) and not (cfg.overwrite or cfg.resume):
+        if cfg.overwrite or cfg.resume:
+            continue
+        if os.path.exists(os.path.join(folder, "model.pt")):
             raise KDCacheError(f"'{folder}' already holds a trained student; pass --resume to keep it, "
                                "--overwrite to retrain it, or choose another --out")
+        if os.path.exists(os.path.join(folder, "last.pt")):  # killed after an epoch: not silently started over
+            raise KDCacheError(f"'{folder}' holds a training that was interrupted; pass --resume to continue it "
+                               "from its last epoch, --overwrite to start over, or choose another --out")
     return runs, folders
 
 

@@ -133,3 +133,25 @@ def test_an_imagefolder_keeps_its_images_size_unless_told_and_refuses_unknown_op
     code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", f"imagefolder:{tmp_path},size=32",
                        "--out", tmp_path / "o")
     assert code == 2 and "image=SIZE" in one_line(err)
+
+
+def test_rerunning_a_killed_training_without_resume_is_refused_not_started_over(tmp_path, capsys, monkeypatch):
+    import kdcache.train as train_mod
+    from kdcache import train_student
+
+    real_evaluate, calls = train_mod.evaluate, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_two)
+    with pytest.raises(RuntimeError):
+        train_student(students=["cnn_tiny"], dataset="digits", epochs=2, out=str(tmp_path))
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    assert (tmp_path / "cnn_tiny" / "last.pt").exists()
+    code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "digits", "--epochs", "2",
+                       "--out", tmp_path)
+    assert code == 2 and "interrupted; pass --resume" in one_line(err)
