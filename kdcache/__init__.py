@@ -1,14 +1,33 @@
 """kdcache: run a teacher once, cache its logits and activations, train many students from them.
 
-Data flows data -> augment (replayable views) -> models -> dump (hooks, writer) -> store -> targets
--> losses/schedules -> train.
+Data flows dataset (data, augment) -> teacher (models, hooks) -> dump -> store -> targets ->
+losses/schedules -> train. The names below are imported on first use (module __getattr__), so
+`import kdcache` and `kdcache --help` cost no torch import.
 """
-__version__ = "0.1.0"
+from kdcache.version import __version__
 
-from kdcache.dump import dump_teacher  # noqa: E402
-from kdcache.errors import KDCacheError  # noqa: E402
-from kdcache.losses import kd_objective, soft_target  # noqa: E402
-from kdcache.targets import open_cache  # noqa: E402
-from kdcache.train import train_student  # noqa: E402
+# name -> module that defines it; each is imported only when the name is first used
+_EXPORTS = {
+    "dump_teacher": "kdcache.dump",
+    "train_student": "kdcache.train",
+    "open_cache": "kdcache.targets",
+    "kd_objective": "kdcache.losses",
+    "soft_target": "kdcache.losses",
+    "KDCacheError": "kdcache.errors",
+}
 
-__all__ = ["__version__", "dump_teacher", "train_student", "open_cache", "kd_objective", "soft_target", "KDCacheError"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

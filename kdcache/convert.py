@@ -17,6 +17,7 @@ from kdcache.dump import activation_dtype
 from kdcache.encodings import CODEC_ATTRS, LogitCodec, from_storage, recode_topk, round_float, to_storage
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
+from kdcache.version import __version__
 
 __all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
 
@@ -155,8 +156,6 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
 
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
              chunk_bytes: int, fidelity: dict | None = None) -> None:
-    from kdcache import __version__
-
     partial = stores.partial_path(dst)
     act_from = attrs.get("activation_dtype") or activation_dtype(old.dtype)
     # SRC's own encoding attrs go (DST writes its codec's), and so do fidelity figures measured for SRC

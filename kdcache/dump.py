@@ -21,6 +21,7 @@ from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher, get_module, weights_sha256
 from kdcache.progress import Progress, log
+from kdcache.version import __version__
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +73,10 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
                                   weights=cfg.weights, random_ok=cfg.random_teacher)
     teacher.to(device).eval()
     info = dict(info, weights_sha256=info.get("weights_sha256") or weights_sha256(teacher))  # a random one too
+    if info.get("preprocessing"):  # a timm/HF teacher sees the images through its own preprocessing (kdcache/hub.py)
+        from kdcache import hub
+
+        splits = [hub.with_teacher_transform(data, cfg.teacher, info["preprocessing"]) for data in splits]
     activations = [parse_activation(a) for a in cfg.activations]
     if len({name for name, _ in activations}) != len(activations):
         raise KDCacheError("--activation names a module twice; store each module in one form")
@@ -88,7 +93,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
 
     root_attrs = {
         "schema_version": stores.SCHEMA_VERSION,
-        "kdcache_version": _version(),
+        "kdcache_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "teacher": info,
@@ -349,9 +354,3 @@ def _check_resumable(store, attrs: dict, splits) -> None:
             if recorded is not None and recorded != data.fingerprint():
                 raise KDCacheError(f"cannot resume '{store.path}': split '{data.split}' holds different data "
                                    "(fingerprint mismatch); pass --overwrite to start over")
-
-
-def _version() -> str:
-    from kdcache import __version__
-
-    return __version__
