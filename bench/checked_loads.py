@@ -11,7 +11,7 @@ Sides, alternating, round after round, each opening the store afresh:
   checked    `SplitTargets(store, "train")`, as `--targets-in memory` loads: absent pieces looked
              for in one listing per array, then each array read into one table 16 MiB a call, the
              crc32 of every block of a piece compared with the one recorded, in threads, while the
-             next piece is read (kdcache.verify.CheckedReads)
+             next piece is read (kdcache.store.checks.CheckedReads)
 Figure: unchecked / checked load time (median of per-round ratios), target >= 0.9, for zarr (9) and
 HDF5 (9b). `train-student --verify` (every array of the whole store, before training) is not timed.
 """
@@ -25,7 +25,7 @@ import torch
 from kdcache import store as stores
 from kdcache.encodings import LogitCodec, from_storage
 from kdcache.targets import SplitTargets
-from kdcache.verify import CHECK_THREADS, PIECE_BYTES
+from kdcache.store.checks import CHECK_THREADS, PIECE_BYTES
 from synthetic import LogitBank, write_logit_stores
 from timing import Figure, alternate, best, paired
 

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from kdcache.store import records
 from kdcache import store as stores
 from kdcache import writer
 from kdcache.encodings import LogitCodec, to_storage
@@ -116,14 +117,14 @@ class SplitWriter:
             store.create_array(f"{split}/{key}", shape=(n, *shape), dtype=dtype, chunks=(chunks[key], *shape),
                                shards=(self.block, *shape))
         store.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(self.block,))[:] = labels
-        sums = [writer.chunk_checksum(labels[i:i + self.block]) for i in range(0, n, self.block)]
+        sums = [records.chunk_checksum(labels[i:i + self.block]) for i in range(0, n, self.block)]
         layout = {key: store.layout(f"{split}/{key}") for key in (*specs, "labels")}
         store.update_attrs({"dataset": {"name": "synthetic", "split": split, "length": n, "fingerprint": "synthetic"},
                             "transform": None, "views": 1, "view_transform": None, "layout": layout,
                             "rows_written": 0, "complete": False, "checksums": {"labels": sums},
                             "block_rows": self.block}, group=split)
         n_blocks = -(-n // self.block)
-        self.record = writer.ProgressRecord(store, split, 0, n_blocks, {k: [None] * n_blocks for k in specs})
+        self.record = records.ProgressRecord(store, split, 0, n_blocks, {k: [None] * n_blocks for k in specs})
         arrays = {f"{split}/{k}": store.array(f"{split}/{k}") for k in specs}
         self.writer = writer.BlockWriter(arrays, block_rows=self.block, blocks=range(n_blocks),
                                          on_block=self.record.record)
@@ -133,7 +134,7 @@ class SplitWriter:
 
     def close(self) -> None:
         self.writer.close()
-        writer.finish_split(self.store, self.split, self.record.checksums, self.n)
+        records.finish_split(self.store, self.split, self.record.checksums, self.n)
 
 
 def codec_specs(codec: LogitCodec) -> dict:

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kdcache.imports import user_callable
+from kdcache import store as stores
 from kdcache.errors import KDCacheError, closest
+from kdcache.imports import user_callable
 
 # --- presets: small transform recipes on the dataset's normalized [C, H, W] tensors ------------
 # Geometric ops only, applied after the eval transform, so every dataset's tensors work as they are
@@ -480,10 +481,8 @@ def stored_recipe(store, data, recorded: dict, *, named: str | None = None) -> V
     transform is the recorded preset, or the recorded module:callable if it is `named` (the user's
     --augment), see check_stored_preset."""
     check_stored_preset(recorded.get("preset"), named, store.path)
-    from kdcache.verify import CheckedReads
-
     names = [name for name in (*RECORDS, *MIX_RECORDS) if store.has_array(f"{data.split}/{name}")]
-    reads = CheckedReads(store, data.split, names) if names else None  # each block against its recorded crc32
+    reads = stores.CheckedReads(store, data.split, names) if names else None  # each block against its recorded crc32
     stored = {name: reads.read(name) for name in names}
     return ViewRecipe(data.dataset, build_augmentation(recorded["preset"], data), base_seed=recorded["seed"],
                       labels=data.labels, num_classes=data.num_classes, mix=recorded["mix"],

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 
+from kdcache.store import records
 from kdcache import store as stores
 from kdcache import writer
 from kdcache.dump import activation_dtype
@@ -218,11 +219,11 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
         return
     block, n = attrs["block_rows"], specs["logits"][0][0]
     n_blocks = -(-n // block)
-    known = writer.read_progress(out, split, specs, n_blocks)
-    done = writer.blocks_done(known, n_blocks)
+    known = records.read_progress(out, split, specs, n_blocks)
+    done = records.blocks_done(known, n_blocks)
     todo = [b for b in range(n_blocks) if b not in done]
     if todo:
-        record = writer.ProgressRecord(out, split, 0, n_blocks, known)
+        record = records.ProgressRecord(out, split, 0, n_blocks, known)
         arrays = {f"{split}/{key}": out.array(f"{split}/{key}") for key in specs}
         w = writer.BlockWriter(arrays, block_rows=block, blocks=todo, max_pending=MAX_PENDING, on_block=record.record)
         try:
@@ -240,10 +241,10 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
             w.close()
         finally:
             record.flush()  # also when close raises a write error: the whole blocks before it stay on record
-    known = writer.read_progress(out, split, specs, n_blocks)
-    missing = n_blocks - len(writer.blocks_done(known, n_blocks))
+    known = records.read_progress(out, split, specs, n_blocks)
+    missing = n_blocks - len(records.blocks_done(known, n_blocks))
     assert missing == 0, f"{missing} blocks of {split} were not written"
-    writer.finish_split(out, split, known, n)
+    records.finish_split(out, split, known, n)
 
 
 def _spans(blocks: list[int], block: int, n: int) -> list[tuple[int, int]]:
@@ -288,7 +289,7 @@ def _read_block(arrays: dict, checksums: dict, b: int, block: int, n: int, path:
     for name, array in arrays.items():
         values[name] = np.asarray(array[start:stop])
         recorded = checksums.get(name, [None] * (b + 1))[b]
-        if recorded is not None and writer.chunk_checksum(values[name]) != recorded:
+        if recorded is not None and records.chunk_checksum(values[name]) != recorded:
             raise KDCacheError(f"'{path}' {split}/{name} rows {start}-{stop - 1} do not match their recorded checksum; "
                                f"run kdcache verify {path}, and dump the teacher again if it is damaged")
     return values

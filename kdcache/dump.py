@@ -13,6 +13,7 @@ import datetime
 import numpy as np
 import torch
 
+from kdcache.store import records
 from kdcache import augment, distributed, encodings, writer
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
@@ -199,8 +200,8 @@ def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpCo
     block = attrs["block_rows"]
     n_blocks = -(-n // block)
     views, recipe, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
-    known = writer.read_progress(store, split, specs, n_blocks)
-    done = writer.blocks_done(known, n_blocks)
+    known = records.read_progress(store, split, specs, n_blocks)
+    done = records.blocks_done(known, n_blocks)
     # ranks start on a teacher batch boundary as well as a block's, so each batch holds the samples it
     # holds in a 1-process dump: kernels may round differently by batch size (CPU convolutions on
     # batches of 1 and 7 differ from batches of 32 by ~1e-6 here; cuDNN picks algorithms by shape).
@@ -212,14 +213,14 @@ def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpCo
     mine = distributed.rank_blocks_aligned(n_blocks, dist.world_size, dist.rank, math.lcm(block, samples) // block)
     todo = [b for b in mine if b not in done]
     if todo:
-        record = writer.ProgressRecord(store, split, mine.start, mine.stop, known)
+        record = records.ProgressRecord(store, split, mine.start, mine.stop, known)
         _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record, specs)
     distributed.barrier(dist)  # every rank's share of the split is on disk
     if dist.is_main:
-        known = writer.read_progress(store, split, specs, n_blocks)
-        missing = n_blocks - len(writer.blocks_done(known, n_blocks))
+        known = records.read_progress(store, split, specs, n_blocks)
+        missing = n_blocks - len(records.blocks_done(known, n_blocks))
         assert missing == 0, f"{missing} blocks of {split} were not written"
-        writer.finish_split(store, split, known, n)
+        records.finish_split(store, split, known, n)
 
 
 def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record,

@@ -220,8 +220,6 @@ def _check_full(codec: LogitCodec, path: str) -> None:
 
 def _read_sample(store, attrs: dict, codec: LogitCodec, split: str | None, rows: int | None) -> _Sample:
     """Whole blocks spread evenly over the split, each checked against its checksum as it is read."""
-    from kdcache.verify import CheckedReads
-
     splits = [s for s in attrs.get("splits", []) if s in store.group_names()]
     split = split or ("train" if "train" in splits else (splits or [None])[0])
     if split not in splits:
@@ -237,7 +235,7 @@ def _read_sample(store, attrs: dict, codec: LogitCodec, split: str | None, rows:
     n_blocks = -(-n_rows // block)
     wanted = min(n_blocks, -(-rows // block))
     picked = sorted({round(i * (n_blocks - 1) / max(wanted - 1, 1)) for i in range(wanted)})
-    reads = CheckedReads(store, split, [*codec.arrays(), "labels"])
+    reads = stores.CheckedReads(store, split, [*codec.arrays(), "labels"])
     labels = reads.read("labels")
     pieces, label_pieces = [], []
     for b in picked:

@@ -404,6 +404,10 @@ def check_model_name(name: str) -> None:
     checks every stage's names before its first stage runs)."""
     if name in MODELS:
         return
+    if _hub_name(name):
+        from kdcache import hub
+
+        return hub.check_name(name)
     if ":" in name:
         _resolve_callable(name)
     elif name not in _torchvision_names():
@@ -415,8 +419,13 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, **kwargs) ->
 
     `name` is, in this order: a registered name (`resnet8`), a `module:callable` called as
     `callable(num_classes=..., [in_chans=...,] **kwargs)`, or a torchvision classification model
-    (`resnet18`, built with weights=None: kdcache never downloads weights).
+    (`resnet18`, built with weights=None: kdcache never downloads weights). `timm:NAME` and
+    `hf:PATH` are timm and Hugging Face models (kdcache/hub.py).
     """
+    if _hub_name(name):
+        from kdcache import hub
+
+        return hub.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if name in MODELS:
         fn = MODELS[name]
         call = dict(num_classes=num_classes, in_chans=in_chans, **kwargs)
@@ -691,7 +700,11 @@ def _load_fitting(model: nn.Module, state: dict, *, source: str, arch: str) -> N
 
 def names_code(arch: str) -> bool:
     """Whether a model name imports code (module:callable) rather than naming a registered or torchvision model."""
-    return ":" in arch
+    return ":" in arch and not _hub_name(arch)
+
+
+def _hub_name(name: str) -> bool:
+    return name.startswith(("timm:", "hf:"))  # registries of models (kdcache/hub.py), not code to import
 
 
 def model_from_checkpoint(ckpt: dict, *, arch: str | None = None, path: str | None = None) -> nn.Module:
@@ -783,6 +796,10 @@ def build_teacher(
         }
         return model.eval(), info
 
+    if _hub_name(spec):  # before the path test: hf:DIR names a directory
+        from kdcache import hub
+
+        return hub.build_teacher(spec, num_classes=num_classes, in_chans=in_chans, weights=weights)
     if _looks_like_path(spec):
         raise KDCacheError(f"teacher checkpoint {spec} does not exist; give an existing model.pt or a model name")
     if num_classes is None:

@@ -17,7 +17,8 @@ def run_pipeline(path: str) -> None:
     spec = read_yaml(path)
     unknown = set(spec) - {"stages", "description"}
     if unknown:
-        raise KDCacheError(f"pipeline '{path}' has unknown keys {sorted(unknown)}; it takes 'stages' (and 'description')")
+        raise KDCacheError(f"pipeline '{path}' has unknown keys {sorted(map(str, unknown))}; it takes 'stages' "
+                           "(and 'description')")
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
         raise KDCacheError(f"pipeline '{path}' needs a non-empty 'stages:' list of {{command: {{options}}}}")
@@ -27,8 +28,15 @@ def run_pipeline(path: str) -> None:
         if not isinstance(stage, dict) or len(stage) != 1 or next(iter(stage)) not in commands:
             raise KDCacheError(f"pipeline '{path}' stage {i} must be one of {', '.join(commands)} with its options")
         (command, options), = stage.items()
+        where = f"{path} stage {i} ({command})"
+        if options is not None and not isinstance(options, dict):
+            raise KDCacheError(f"{where}: its options must be a mapping {{option: value}}, got a "
+                               f"{type(options).__name__}; write - {command}: {{out: ..., ...}}")
         cls, fn = commands[command]
-        plan.append((command, fn, resolve(cls, file_values=options or {}, source=f"{path} stage {i} ({command})")))
+        try:  # values and names (models, losses, schedules, datasets, splits) alike
+            plan.append((command, fn, resolve(cls, file_values=options or {}, source=where)))
+        except KDCacheError as e:
+            raise KDCacheError(f"{where}: {e}" if where not in str(e) else str(e)) from None
     for i, (command, fn, cfg) in enumerate(plan, 1):
         print(f"== stage {i}/{len(plan)}: kdcache {command}", flush=True)
         fn(cfg)

@@ -5,7 +5,7 @@ import numpy as np
 
 from kdcache import store as stores
 from kdcache.encodings import LogitCodec, from_storage
-from kdcache.writer import rows_written
+from kdcache.store.records import rows_written
 
 
 def describe_store(path: str) -> dict:
@@ -46,11 +46,9 @@ def _teacher_top1(store, split: str, codec) -> float:
     """Top-1 of the cached logits over every view, one block of rows at a time: an ImageNet cache
     never has to fit in memory as float32 just to be inspected. A mixed view counts as the class
     of the sample with the larger weight. Every block read is checked against its recorded
-    checksum: a damaged one stops inspect with one line naming it (verify.CheckedReads)."""
-    from kdcache.verify import CheckedReads
-
+    checksum: a damaged one stops inspect with one line naming it (store.CheckedReads)."""
     mixed = store.has_array(f"{split}/mix_partner")
-    reads = CheckedReads(store, split, [*codec.arrays(), "labels", *(["mix_partner", "mix_lambda"] if mixed else [])])
+    reads = stores.CheckedReads(store, split, [*codec.arrays(), "labels", *(["mix_partner", "mix_lambda"] if mixed else [])])
     logits, labels = store.array(f"{split}/logits"), reads.read("labels")
     if mixed:
         partner, lam = reads.read("mix_partner"), reads.read("mix_lambda")

@@ -51,19 +51,17 @@ class SplitTargets:
     Every array is kept as stored (float16, int8 with its scales, top-k values and indices: a
     quarter to a hundredth of float32) and decoded per batch, after the gather, where it costs
     microseconds. Only the activations named are loaded (all of them when None), and every block
-    of what is loaded is checked against its recorded checksum as it is read (verify.CheckedReads).
+    of what is loaded is checked against its recorded checksum as it is read (store.CheckedReads).
     """
 
     def __init__(self, store: stores.Store, split: str, *, device="cpu", activations=None):
-        from kdcache.verify import CheckedReads
-
         attrs = store.get_attrs()
         self.split = split
         self.attrs = store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
         names = [n for n in attrs.get("activations", {}) if (activations is None or n in activations)
                  and store.has_array(f"{split}/activations/{n}")]
-        reads = CheckedReads(store, split, _read_names(self.codec, names))
+        reads = stores.CheckedReads(store, split, _read_names(self.codec, names))
         self.tables = {name: _stored(reads, name, device) for name in self.codec.arrays()}  # [N, V, ...]
         act_encoding = activation_encoding(attrs)
         self.activations = {name: decode(reads.read(f"activations/{name}"), act_encoding).to(device) for name in names}
@@ -117,12 +115,10 @@ class StreamedSplit:
     blocks, shuffled in windows of `buffer_blocks`); `stream(sampler)` the StreamTargets that
     prefetch those blocks in the background and gather each batch from them. One store read per
     array per block, never per sample; each block checked against its recorded checksum as it is
-    read (verify.CheckedReads), and absent pieces looked for before the first.
+    read (store.CheckedReads), and absent pieces looked for before the first.
     """
 
     def __init__(self, path: str, split: str, *, device="cpu", activations=None, buffer_blocks: int = 8):
-        from kdcache.verify import CheckedReads
-
         self.path, self.split, self.device, self.buffer_blocks = path, split, device, buffer_blocks
         self._store = stores.open_store(path)  # kept open: the prefetch thread reads through it
         attrs = self._store.get_attrs()
@@ -133,7 +129,7 @@ class StreamedSplit:
         self.n, self.views = logits.shape[0], logits.shape[1]
         names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
         self.activations = [n for n in names if self._store.has_array(f"{split}/activations/{n}")]
-        self._reads = CheckedReads(self._store, split, _read_names(self.codec, self.activations))
+        self._reads = stores.CheckedReads(self._store, split, _read_names(self.codec, self.activations))
         self.labels = torch.from_numpy(np.asarray(self._reads.read("labels"), dtype=np.int64))
         self._act_encoding = activation_encoding(attrs)
 

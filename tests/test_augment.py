@@ -9,7 +9,7 @@ from kdcache import store as stores
 from kdcache.config import TrainConfig
 from kdcache.data import load_split
 from kdcache.errors import KDCacheError
-from kdcache.writer import rows_written
+from kdcache.store.records import rows_written
 from helpers.crashing import Exploding
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)

@@ -11,7 +11,7 @@ from kdcache import store as stores
 from kdcache.cli import main
 from kdcache.distributed import rank_blocks, rank_blocks_aligned
 from kdcache.verify import verify_store
-from kdcache.writer import PROGRESS, rows_written
+from kdcache.store.records import PROGRESS, rows_written
 
 DATA = "helpers.dying_data:digits"  # digits (1437 train, 360 test), SIGKILLed at sample $KDCACHE_TEST_KILL_AT
 # float32 logits of 10 classes, 1280-byte chunks: 32-row blocks, so train is 45 blocks (the last of 29 rows),

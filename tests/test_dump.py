@@ -10,7 +10,7 @@ from kdcache import store as stores
 from kdcache.data import load_split
 from kdcache.errors import KDCacheError
 from kdcache.models import build_teacher
-from kdcache.writer import rows_written
+from kdcache.store.records import rows_written
 from helpers.crashing import Exploding
 
 

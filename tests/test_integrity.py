@@ -12,7 +12,7 @@ from kdcache import dump_teacher, open_cache
 from kdcache import store as stores
 from kdcache.errors import KDCacheError
 from kdcache.verify import verify_store
-from kdcache.writer import rows_written
+from kdcache.store.records import rows_written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(dtype="float32", chunk_bytes=32 * 40, batch_size=40)  # 32-row logit chunks: many chunks to lose

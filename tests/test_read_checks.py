@@ -231,7 +231,8 @@ def test_a_chunk_zarr_left_out_for_being_all_zeros_is_not_damage(tmp_path):
     """zarr stores no chunk that is all fill value: a block of class-0 labels has no file, and its
     recorded checksum, that of zeros, says that is right."""
     from kdcache.encodings import LogitCodec
-    from kdcache.writer import BlockWriter, chunk_checksum, finish_split
+    from kdcache.writer import BlockWriter
+    from kdcache.store.records import chunk_checksum, finish_split
 
     path = str(tmp_path / "zeros.zarr")
     labels = np.repeat(np.arange(4), 32)  # block 0: all class 0

@@ -11,7 +11,7 @@ from kdcache import dump_teacher, train_student
 from kdcache import store as stores
 from kdcache.errors import KDCacheError
 from kdcache.targets import open_cache
-from kdcache.writer import rows_written
+from kdcache.store.records import rows_written
 from test_cli import run
 from test_store import StoreSuite
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from kdcache import store as stores
-from kdcache.writer import BlockWriter, ProgressRecord, blocks_done, chunk_checksum, read_progress
+from kdcache.writer import BlockWriter
+from kdcache.store.records import ProgressRecord, blocks_done, chunk_checksum, read_progress
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])

@@ -35,7 +35,7 @@ class ZarrStore(Store):
             shards = None
         # crc32c after zstd: a flipped or truncated chunk fails loudly on read instead of decoding
         # to wrong numbers (a missing chunk is caught by the checksums kdcache records, and by absent_rows,
-        # on every load: verify.CheckedReads).
+        # on every load: store.checks.CheckedReads).
         # zstd level 1, chosen by measurement (make bench, section 5: 32k x 1000 logits with class
         # structure): levels 1, 3 and 9 store the same bytes, level 1 writes float16 1.34x faster than
         # 3; no compression costs 9% (int8 13%) more bytes; blosc-lz4 does not compress logits at all

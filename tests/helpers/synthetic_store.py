@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from kdcache.store import records
 from kdcache import store as stores
 from kdcache import writer
 from kdcache.encodings import LogitCodec, to_storage
@@ -41,7 +42,7 @@ def write_store(path: str, logits: torch.Tensor, labels: torch.Tensor, codec: Lo
                             {"dataset": dataset, "transform": None, "views": 1, "view_transform": None})
         block = store.get_attrs("train")["block_rows"]
         n_blocks = -(-n // block)
-        record = writer.ProgressRecord(store, "train", 0, n_blocks, {k: [None] * n_blocks for k in specs})
+        record = records.ProgressRecord(store, "train", 0, n_blocks, {k: [None] * n_blocks for k in specs})
         out = writer.BlockWriter({f"train/{k}": store.array(f"train/{k}") for k in specs}, block_rows=block,
                                  blocks=range(n_blocks), on_block=record.record)
         for start in range(0, n, 256):
@@ -49,7 +50,7 @@ def write_store(path: str, logits: torch.Tensor, labels: torch.Tensor, codec: Lo
             out.put({f"train/{k}": to_storage(t, specs[k][1]) for k, t in encoded.items()})
         out.close()
         record.flush()
-        writer.finish_split(store, "train", record.checksums, n)
+        records.finish_split(store, "train", record.checksums, n)
         store.update_attrs({"complete": True})
     return path
 
