@@ -8,7 +8,7 @@ its float16 cache of digits is dumped once. The overhead is (cached - plain) / p
 step for --overhead-student (target: at most 3% for a student of cnn_small's size); the modes of each
 student run back to back, in rotating order, so a busy machine slows them alike.
 Run: `.venv/bin/python bench/integrations.py --threads 1` (the full table: 12 epochs); the quick
-check: `--epochs 1 --frameworks plain,fastai,lightning,hf --students cnn_tiny`.
+check: `--epochs 1 --students cnn_tiny,cnn_small --teacher CKPT` (any kdcache checkpoint of digits).
 Writes runs/integrations/ (replaced on each run) and prints a markdown table.
 """
 from __future__ import annotations
@@ -201,12 +201,13 @@ def main(argv=None):
     parser.add_argument("--overhead-student", default="cnn_small", help="the size the 3%% target is stated for")
     parser.add_argument("--epochs", type=int, default=12, help="as the demo's students")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--teacher", default=None, help="a kdcache checkpoint instead of the demo's resnet20")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if os.path.exists(OUT):
         shutil.rmtree(OUT)
     os.makedirs(OUT)
-    ckpt = teacher_checkpoint(OUT)
+    ckpt = args.teacher or teacher_checkpoint(OUT)
     cache = dump_teacher(teacher=ckpt, dataset="digits", out=os.path.join(OUT, "cache.zarr"))
     teacher = build_teacher(ckpt, num_classes=10)[0].eval()
     students = args.students.split(",")

@@ -93,7 +93,8 @@ from kdcache.config import DumpConfig, TrainConfig, resolve  # noqa: E402
 from kdcache.data import WithIndex, load_split  # noqa: E402
 import kdcache.dump  # noqa: E402
 import kdcache.writer  # noqa: E402
-from kdcache.dump import dump_teacher, resolve_device  # noqa: E402
+from kdcache.distributed import resolve_device  # noqa: E402
+from kdcache.dump import dump_teacher  # noqa: E402
 from kdcache.encodings import LogitCodec  # noqa: E402
 from kdcache.models import build_teacher, create_model, save_checkpoint  # noqa: E402
 from kdcache.report import describe_store  # noqa: E402

@@ -9,7 +9,7 @@ from kdcache.version import __version__
 # name -> module that defines it; each is imported only when the name is first used
 _EXPORTS = {
     "dump_teacher": "kdcache.dump",
-    "train_student": "kdcache.train",
+    "train_student": "kdcache.sweep",
     "open_cache": "kdcache.targets",
     "kd_objective": "kdcache.losses",
     "soft_target": "kdcache.losses",

@@ -134,7 +134,7 @@ def dump_teacher_cmd(config_file, **options):
 def train_student_cmd(config_file, **options):
     """Train students from a teacher cache, with a scheduled KD weight alpha (and feature KD)."""
     from kdcache.config import TrainConfig
-    from kdcache.train import train_student
+    from kdcache.sweep import train_student
 
     train_student(_config(TrainConfig, config_file, options))
 

@@ -134,6 +134,28 @@ def all_gather_object(obj, dist: Dist) -> list:
     return out
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N or mps, checked
+    against what this machine has, so a missing device is one line and not a traceback later."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KDCacheError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KDCacheError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KDCacheError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise KDCacheError(f"--device {name}: no Apple GPU (MPS) is available here; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise KDCacheError(f"--device {name}: kdcache runs on cpu, cuda or mps; use one of those or auto")
+    return device
+
+
 def device_for(dist: Dist, requested: torch.device) -> torch.device:
     """The device this process computes on: its own GPU, cuda:LOCAL_RANK, when CUDA is requested for
     several processes (an index in `requested` is overridden: CUDA_VISIBLE_DEVICES chooses GPUs); else `requested`."""

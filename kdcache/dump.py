@@ -25,17 +25,6 @@ from kdcache.progress import Progress, log
 from kdcache.version import __version__
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KDCacheError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise KDCacheError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
 def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     """Run the teacher over every split of `cfg` into a store; return the store's path.
 
@@ -51,7 +40,7 @@ def dump_teacher(cfg: DumpConfig | None = None, **options) -> str:
     if dist.world_size > 1 and not backend.supports_concurrent_writers:
         raise KDCacheError(f"a distributed dump writes one store from {dist.world_size} processes, which HDF5 "
                            "cannot; dump to a .zarr store, then kdcache convert it to .h5")
-    device = distributed.device_for(dist, resolve_device(cfg.device))
+    device = distributed.device_for(dist, distributed.resolve_device(cfg.device))
     with distributed.process_group(device.type) as dist:
         # one writer per store: a second dump fails here, at once (rank 0 holds it for all ranks; a URL takes no lock)
         with stores.StoreLock(out) if dist.is_main else contextlib.nullcontext():

@@ -14,17 +14,18 @@ import queue
 
 import torch
 
+from kdcache import distributed
 from kdcache.errors import KDCacheError
 from kdcache.signals import sigterm_raises
+from kdcache.train import Setup, fit
 
 STOP_SECONDS = 30  # a stopped job's time to unwind (end its loader workers) before it is killed
 
 
 def devices(cfg, n: int) -> list[str]:
     """One device per job: the GPUs in turn when training on CUDA, else the CPU for all."""
-    from kdcache.dump import resolve_device
-
-    device = resolve_device(cfg.device)
+    
+    device = distributed.resolve_device(cfg.device)
     if device.type == "cuda":
         return [f"cuda:{i % torch.cuda.device_count()}" for i in range(n)]
     return ["cpu"] * n
@@ -80,9 +81,6 @@ def _stop(workers, *, finished: bool) -> None:
 
 
 def _job(cfg, runs, folders, device, threads, results) -> None:
-    from kdcache import distributed
-    from kdcache.train import Setup, fit
-
     torch.set_num_threads(threads)
     try:
         with sigterm_raises():  # ended by the sweep: unwind, so that this job's loader workers end with it

@@ -11,7 +11,7 @@ from kdcache.errors import KDCacheError
 
 def run_pipeline(path: str) -> None:
     from kdcache.dump import dump_teacher
-    from kdcache.train import train_student
+    from kdcache.sweep import train_student
 
     commands = {"dump-teacher": (DumpConfig, dump_teacher), "train-student": (TrainConfig, train_student)}
     spec = read_yaml(path)

@@ -1,13 +1,12 @@
-"""Stage 2, `train-student`: train one or many students from cached soft targets.
+"""Stage 2: train one student from cached soft targets (a sweep of them is kdcache/sweep.py).
 
-dataset (x, y, row; augment.TrainViews replays a view cache's views) -> student (+ hooks, adapters) -> objective(student out, teacher targets[index],
-alpha(progress), feature losses) -> optimizer -> evaluate each epoch
--> OUT/<student>/{metrics.jsonl, model.pt}, OUT/summary.csv.
+dataset (x, y, row; augment.TrainViews replays a view cache's views) -> student (+ hooks, adapters)
+-> objective(student out, teacher targets[row], alpha(progress), feature losses) -> optimizer
+-> evaluate each epoch -> OUT/<student>/{metrics.jsonl, model.pt, curves.png}.
 With no cache it is plain training (teachers, baselines); with --teacher, online KD.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -17,13 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from kdcache import augment, distributed, features, losses
-from kdcache.config import TrainConfig, as_dict, resolve
+from kdcache.config import TrainConfig, as_dict
 from kdcache.data import WithIndex, load_split
-from kdcache.dump import resolve_device
-from kdcache.errors import KDCacheError, closest
+from kdcache.errors import KDCacheError
 from kdcache.hooks import capture
-from kdcache.models import (build_teacher, count_parameters, create_model, load_checkpoint,
-                            model_from_checkpoint, save_checkpoint)
+from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
 from kdcache.encodings import Sampled, TopK
 from kdcache.progress import Progress, log
 from kdcache.schedules import Schedule
@@ -361,18 +358,6 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
     return row
 
 
-def finished_row(name: str, kind: str, cfg: TrainConfig, checkpoint: str) -> dict:
-    """The summary row of a student trained earlier, from its checkpoint."""
-    ckpt = load_checkpoint(checkpoint)
-    m = ckpt["metrics"]
-    params = count_parameters(model_from_checkpoint(ckpt, arch=name, path=checkpoint))  # its arch: this run's --student
-    return {"student": name, "kind": kind, "params": params, "epochs": m.get("epoch", cfg.epochs), "top1": m["top1"],
-            "top5": m["top5"], "agreement": m.get("agreement"), "seconds": m["seconds"],
-            "folder": os.path.dirname(checkpoint), "step_losses": []}
-
-
-# --- resumable training: the state after each epoch ------------------------------------------
-
 def save_training_state(path, epoch, history, seconds, model, optimizer, feature_kd) -> None:
     """Everything the next epoch depends on: weights, optimizer moments, adapters and torch's RNG.
     LR and alpha are pure functions of the step, the data order of seed and epoch: no state."""
@@ -403,53 +388,10 @@ def _keep_lines(path: str, n: int) -> None:
         f.writelines(lines)
 
 
-def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
-    """Train every student of `cfg` (and its baseline); return the summary rows.
-
-    Python API: `kdcache.train_student(cache="cache.zarr", students=["resnet8"], epochs=5)`.
-    Under `torchrun` every rank runs this and each student is trained with DDP across them.
-    """
-    cfg = cfg or resolve(TrainConfig, overrides=options, source="train_student()")
-    for name in cfg.students:
-        create_model(name, num_classes=2)  # an unknown student fails before any data is read
-    if cfg.loss not in KD_LOSSES:
-        raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(KD_LOSSES)} "
-                           f"(closest: {closest(cfg.loss, KD_LOSSES)})")
-    dist = distributed.Dist.from_env()
-    if cfg.jobs > 1 and dist.world_size > 1:
-        raise KDCacheError("--jobs trains several students side by side in one launch; under torchrun each student "
-                           "is already spread over the processes: drop --jobs or run without torchrun")
-    device = distributed.device_for(dist, resolve_device(cfg.device))
-    with distributed.process_group(device.type) as dist:
-        setup = Setup(cfg, device, dist)
-        runs, folders = plan_runs(cfg, setup.mode)
-        if setup.pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
-            probe = features.probe_batch(setup.train_data.dataset, device)
-            for name in cfg.students:
-                student = create_model(name, num_classes=setup.train_data.num_classes, in_chans=setup.train_data.in_chans)
-                features.build_feature_kd(setup.pairs, student.to(device), setup.teacher, probe)
-        teacher_top1 = None
-        if setup.teacher_pred is not None:
-            teacher_top1 = 100.0 * (setup.teacher_pred == torch.as_tensor(setup.test_data.labels)).float().mean().item()
-        todo = [run for run in runs if not _finished(cfg, folders[run])]
-        if cfg.jobs > 1 and len(todo) > 1:
-            from kdcache import jobs
-
-            trained = jobs.run(cfg, todo, folders)  # each job sets up its own data and teacher
-        else:
-            trained = {run: fit(run[0], run[1], setup, folders[run]) for run in todo}
-        rows = []
-        for name, kind in runs:
-            row = trained.get((name, kind))
-            if row is None:  # trained by an earlier run (--resume): said here, the others when they finished
-                row = finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
-                if dist.is_main:
-                    log.info(student_line(row) + "  (trained earlier)")
-            row["teacher_top1"] = teacher_top1
-            rows.append(row)
-        if dist.is_main:
-            write_summary(cfg.out, rows)
-        return rows
+@torch.no_grad()
+def _predict(model, loader, device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _, _ in loader])
 
 
 def epoch_line(name: str, kind: str, epochs: int, m: dict, seconds: float) -> str:
@@ -468,63 +410,3 @@ def student_line(row: dict) -> str:
 def _read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:
-    """[(student, kind)] in order and each one's folder; refuses to overwrite a trained student."""
-    runs = [(name, mode) for name in cfg.students]
-    if cfg.baseline and mode != "plain":
-        runs += [(name, "baseline") for name in cfg.students]
-    # "mymod:net" -> OUT/mymod.net: a colon in a folder name breaks PATH-like lists, Windows, and scp
-    folders = {run: os.path.join(cfg.out, run[0].replace(":", ".") + ("-baseline" if run[1] == "baseline" else ""))
-               for run in runs}
-    for folder in folders.values():
-        if cfg.overwrite or cfg.resume:
-            continue
-        if os.path.exists(os.path.join(folder, "model.pt")):
-            raise KDCacheError(f"'{folder}' already holds a trained student; pass --resume to keep it, "
-                               "--overwrite to retrain it, or choose another --out")
-        if os.path.exists(os.path.join(folder, "last.pt")):  # killed after an epoch: not silently started over
-            raise KDCacheError(f"'{folder}' holds a training that was interrupted; pass --resume to continue it "
-                               "from its last epoch, --overwrite to start over, or choose another --out")
-    return runs, folders
-
-
-def _finished(cfg: TrainConfig, folder: str) -> bool:
-    """A resumed sweep skips students already trained."""
-    return cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(folder, "model.pt"))
-
-
-@torch.no_grad()
-def _predict(model, loader, device) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x.to(device)).argmax(1).cpu() for x, _, _ in loader])
-
-
-SUMMARY_COLUMNS = ["student", "kind", "params", "epochs", "top1", "top5", "agreement", "teacher_top1", "seconds", "folder"]
-
-
-def write_summary(out: str, rows: list[dict]) -> None:
-    """OUT/summary.csv, a table on stdout, and OUT/summary.png (top-1 against parameters)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    log.info(format_table(rows))
-    from kdcache.plots import plot_summary
-
-    plot_summary(rows, os.path.join(out, "summary.png"))
-
-
-def format_table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    lines = [f"{'student':<16} {'params':>9} {'kind':<9} {'top1':>6} {'agree':>6}"]
-    for r in rows:
-        lines.append(f"{r['student']:<16} {r['params']:>9,} {r['kind']:<9} {fmt(r['top1'], '6.2f')} "
-                     f"{fmt(r.get('agreement'), '6.2f')}")
-    if rows and rows[0].get("teacher_top1") is not None:
-        lines.append(f"{'teacher':<16} {'':>9} {'':<9} {rows[0]['teacher_top1']:6.2f}")
-    return "\n".join(lines)

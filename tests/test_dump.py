@@ -127,7 +127,8 @@ def test_dump_refuses_when_the_disk_cannot_hold_the_store(teacher_ckpt, tmp_path
 
 
 def test_store_size_estimate_bounds_what_is_written(teacher_ckpt, tmp_path):
-    from kdcache.dump import estimate_bytes, resolve_device
+    from kdcache.distributed import resolve_device
+    from kdcache.dump import estimate_bytes
     from kdcache.hooks import parse_activation
     from kdcache.config import DumpConfig
     from kdcache.encodings import LogitCodec

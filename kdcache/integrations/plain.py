@@ -6,8 +6,6 @@ by fasterai's rule. The fastai, Lightning and Hugging Face integrations are buil
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -422,7 +420,3 @@ def evaluate(model: torch.nn.Module, data, *, teacher: Teacher | None = None, ba
         for m, mode in modes.items():
             m.training = mode
 
-
-def progress(step: int, total: int) -> float:
-    """Training progress in [0, 1] after `step` of `total` optimizer steps."""
-    return min(1.0, step / max(1, total)) if math.isfinite(total) else 0.0
