@@ -155,3 +155,15 @@ def test_rerunning_a_killed_training_without_resume_is_refused_not_started_over(
     code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "digits", "--epochs", "2",
                        "--out", tmp_path)
     assert code == 2 and "interrupted; pass --resume" in one_line(err)
+
+
+@pytest.mark.parametrize("device, says", [("mps", "no Apple GPU"), ("xla", "kdcache runs on cpu, cuda or mps"),
+                                          ("cuda:x", "is not a device")])
+def test_a_device_the_machine_lacks_is_one_line(device, says, capsys, tmp_path):
+    import torch
+
+    if device == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "digits", "--device", device,
+                       "--out", tmp_path / "o")
+    assert code == 2 and says in one_line(err)
