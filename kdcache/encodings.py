@@ -212,6 +212,12 @@ class TopK:
         out = self.tail_logit().unsqueeze(-1).expand(shape).clone()
         return out.scatter_(-1, self.indices, self.logsumexp.unsqueeze(-1) + self.log_probs())
 
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        """The teacher's class per row [...]: the first kept class (values are sorted), as a dense
+        tensor's argmax over its classes (dim must be the class dim)."""
+        assert dim in (-1, self.indices.dim() - 1), dim
+        return self.indices[..., 0]
+
     def index_select(self, rows: torch.Tensor) -> TopK:
         """The rows `rows` of the leading dimension (a batch gather)."""
         return TopK(self.values[rows], self.indices[rows], self.logsumexp[rows], self.log_tail[rows], self.num_classes)
@@ -524,6 +530,11 @@ class LogitCodec:
         lq = torch.where(used, log_q.gather(1, classes), 0.0).float()
         return {"logits": round_float(_clamp_finite(lq, self.dtype), self.dtype),
                 "sample_indices": self._store_indices(classes), "sample_counts": counts.to(torch.uint8)}
+
+    def predictions(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's class [...] per row of stored arrays (as decode takes them), any encoding:
+        what teacher top-1 and a student's agreement with the teacher are measured against."""
+        return self.decode(arrays).argmax(-1)
 
     def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor | TopK | Sampled:
         """Tensors as encode() returns them, or as from_storage() reads them back, any leading shape.

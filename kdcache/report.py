@@ -55,8 +55,7 @@ def _teacher_top1(store, split: str, codec) -> float:
     rows, correct = reads.block_rows, 0
     for b, start in enumerate(range(0, logits.shape[0], rows)):
         stored = {k: reads.read_block(k, b) for k in codec.arrays()}
-        decoded = codec.decode({k: from_storage(v, str(v.dtype)) for k, v in stored.items()})
-        block = (decoded.indices[..., 0] if codec.topk else decoded.argmax(-1)).numpy()  # [rows, V]
+        block = codec.predictions({k: from_storage(v, str(v.dtype)) for k, v in stored.items()}).numpy()  # [rows, V]
         truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
         if mixed:
             truth = np.where(lam[start : start + rows] >= 0.5, truth, labels[partner[start : start + rows]])

@@ -102,9 +102,7 @@ class SplitTargets:
 
     def predictions(self) -> torch.Tensor:
         """The teacher's class for every sample's first view [N] (eval splits have one clean view)."""
-        if self.codec.topk is not None:
-            return self.codec.decode({k: t[:, 0] for k, t in self.tables.items()}).indices[:, 0].cpu()
-        return self.codec.decode({k: t[:, 0] for k, t in self.tables.items()}).argmax(1).cpu()
+        return self.codec.predictions({k: t[:, 0] for k, t in self.tables.items()}).cpu()
 
 
 class StreamedSplit:
@@ -170,8 +168,7 @@ class StreamedSplit:
         out = []
         for b in range(-(-self.n // self.block_rows)):
             tables = {k: t.unflatten(0, (-1, self.views))[:, 0] for k, t in self.load_block(b)["logits"].items()}
-            decoded = self.codec.decode(tables)
-            out.append(decoded.indices[:, 0] if self.codec.topk else decoded.argmax(1))
+            out.append(self.codec.predictions(tables))
         return torch.cat(out)
 
     def close(self) -> None:
