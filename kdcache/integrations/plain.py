@@ -257,12 +257,6 @@ def indexed_loader(loader: torch.utils.data.DataLoader) -> torch.utils.data.Data
 
 # --- one step's loss -------------------------------------------------------------------------
 
-def _logit_losses():
-    from kdcache.train import KD_LOSSES
-
-    return KD_LOSSES
-
-
 class Distiller:
     """One step's KD loss from the cache, by fasterai's rule: `loss = lerp(task_loss, kd_loss, w)`,
     i.e. (1 - w) task_loss + w kd_loss, with w = weight * schedule(progress).
@@ -346,10 +340,12 @@ class Distiller:
 
     def _named_loss(self, pred, teacher_logits, target, fm_s, fm_t):
         from kdcache import losses
-        from kdcache.train import logit_kd_loss
 
-        if self.loss in _logit_losses():
-            return logit_kd_loss(self.loss, pred, teacher_logits, target, self.T)
+        if self.loss in losses.KD_LOSSES:
+            try:
+                return losses.logit_kd_loss(self.loss, pred, teacher_logits, target, self.T)
+            except ValueError as e:  # a teacher row the loss cannot use, or targets it cannot read
+                raise KDCacheError(f"loss '{self.loss}': {str(e).splitlines()[0]}") from None
         if not fm_s:
             raise KDCacheError(f"loss '{self.loss}' compares activations; name the pairs with activations_student "
                                "and activations_teacher")
@@ -371,7 +367,7 @@ def _checked_loss(loss):
 
     if callable(loss):
         return loss
-    names = [*_logit_losses(), *losses.FEATURE_LOSSES]
+    names = [*losses.KD_LOSSES, *losses.FEATURE_LOSSES]
     if loss not in names:
         from kdcache.errors import closest
 
