@@ -257,16 +257,15 @@ def main(argv=None):
     except KDCacheError as e:
         click.echo(f"kdcache: error: {e}", err=True)
         sys.exit(2)
-    except (click.exceptions.Abort, Terminated) as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
-        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
-            click.echo("kdcache: terminated; rerun with --resume to continue", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
+        stop = e if isinstance(e, KeyboardInterrupt) else e.__cause__
+        resume = "; what was written is kept: dump-teacher, convert and train-student finish it with --resume"
+        if isinstance(stop, Terminated):
+            click.echo(f"kdcache: terminated{resume}", err=True)
             sys.exit(143)
-        click.echo("kdcache: aborted", err=True)
+        click.echo(f"kdcache: interrupted{resume}" if isinstance(stop, KeyboardInterrupt) else "kdcache: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:  # bad flags: click's message, on one line
         command = f" {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in e.ctx.command_path else ""
         click.echo(f"kdcache{command}: error: {e.format_message()} (see --help)", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("kdcache: interrupted", err=True)
-        sys.exit(130)

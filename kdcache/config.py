@@ -196,7 +196,7 @@ class TrainConfig:
             from kdcache.features import parse_features
 
             parse_features(self.features)  # syntax and loss names: a pipeline fails before its first stage
-        from kdcache.train import KD_LOSSES
+        from kdcache.losses import KD_LOSSES
 
         if self.loss not in KD_LOSSES:
             raise KDCacheError(f"unknown --loss '{self.loss}'; choose one of {', '.join(KD_LOSSES)} "

@@ -66,7 +66,7 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
         else:
             new = target_codec(old, dtype, topk, src=src, indices=indices, sample=sample,
                                sample_temperature=sample_temperature, sample_seed=sample_seed)
-        with stores.StoreLock(dst):  # one writer per store, as for a dump
+        with stores.StoreLock(dst, what="convert"):  # one writer per store, as for a dump
             action = stores.decide(dst, overwrite=overwrite, resume=resume, what="convert", flag="DST")
             if action == "done":
                 log.info(f"{dst} is already complete; nothing to resume")

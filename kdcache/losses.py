@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdcache.encodings import Sampled, TopK
+
 # Every loss returns a scalar tensor. Teacher arguments are targets: cached tensors carry no grad,
 # and a caller with a live teacher (mutual learning) passes it detached. Teacher tensors are cast
 # to the student's dtype because caches often hold float16 while students train in float32.
@@ -420,16 +422,52 @@ FEATURE_LOSS_FORMS = {
 }
 
 
-def kd_objective(student_logits, teacher_logits, target, alpha, T):
-    """Hinton KD objective: loss = (1 - alpha) * CE(s, target) + alpha * soft_target(s, t, T).
+KD_LOSSES = (*LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD variant
 
-    Shapes: student_logits, teacher_logits [B, C]; target [B] class indices.
-    Returns {"loss", "task_loss", "kd_loss"}, each a scalar, so the trainer can log the parts.
+
+def logit_kd_loss(name, student_logits, teacher, target, T=4.0, reconstruction="sparse"):
+    """The logit loss `name` (KD_LOSSES) between student logits [B, C] and any teacher a cache gives:
+    logits [B, C], a TopK (soft_target uses it as it is, the other losses its dense reconstruction)
+    or a Sampled (soft_target only: its unbiased estimate). target [B] classes (dkd, nkd)."""
+    if isinstance(teacher, Sampled):  # a few drawn classes: only soft_target has an unbiased estimate from them
+        if name != "soft_target":
+            raise ValueError("sampled targets estimate soft_target's loss only; use --loss soft_target")
+        return soft_target_sampled(student_logits, teacher, T)
+    if isinstance(teacher, TopK):
+        if name == "soft_target":
+            return soft_target_topk(student_logits, teacher, T, reconstruction=reconstruction)
+        teacher = teacher.dense()
+    if name == "soft_target":
+        return soft_target(student_logits, teacher, T)
+    if name == "dkd":
+        return dkd(student_logits, teacher, target, T=T)  # the paper's CIFAR recipe: alpha=1, beta=8
+    if name == "nkd":
+        return dkd(student_logits, teacher, target, beta=1.5, T=T, normalize=True)  # the paper's gamma=1.5
+    if name not in LOGIT_LOSSES:
+        raise ValueError(f"unknown logit loss {name!r}; use one of {', '.join(KD_LOSSES)}")
+    return LOGIT_LOSSES[name](student_logits, teacher)
+
+
+def kd_objective(student_logits, teacher, target, alpha, T, *, loss="soft_target", reconstruction="sparse",
+                 feature_losses=None, feature_weight=0.0):
+    """The KD objective, the one train-student and the integrations use:
+
+        loss = (1 - alpha) * CE(s, target) + alpha * KD(s, t) + feature_weight * sum(feature_losses),
+
+    KD = logit_kd_loss(`loss`) at temperature T (Hinton's soft_target by default), as in fasterai's
+    KnowledgeDistillationCallback. `teacher` is logits [B, C] or what a compact cache decodes to
+    (TopK, Sampled). target [B] class indices, or [B, C] mixed labels (with soft_target).
+    feature_losses: {pair: scalar}, already computed (features.FeatureKD).
+    Returns {"loss", "task_loss", "kd_loss"} (+ "feature_loss", their unweighted sum), each a scalar,
+    so the trainer can log the parts.
     """
     task_loss = F.cross_entropy(student_logits, target)
-    kd_loss = soft_target(student_logits, teacher_logits, T)
-    loss = (1 - alpha) * task_loss + alpha * kd_loss
-    return {"loss": loss, "task_loss": task_loss, "kd_loss": kd_loss}
+    kd_loss = logit_kd_loss(loss, student_logits, teacher, target, T, reconstruction)
+    parts = {"loss": (1 - alpha) * task_loss + alpha * kd_loss, "task_loss": task_loss, "kd_loss": kd_loss}
+    if feature_losses:
+        parts["feature_loss"] = sum(feature_losses.values())
+        parts["loss"] = parts["loss"] + feature_weight * parts["feature_loss"]
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------

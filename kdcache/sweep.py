@@ -5,6 +5,7 @@ One student's training (data, teacher, epochs, checkpoint) is kdcache/train.py's
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 
@@ -15,7 +16,9 @@ from kdcache.config import TrainConfig, resolve
 from kdcache.errors import KDCacheError, closest
 from kdcache.models import count_parameters, create_model, load_checkpoint, model_from_checkpoint
 from kdcache.progress import log
-from kdcache.train import KD_LOSSES, Setup, fit, student_line
+from kdcache.store.lock import StoreLock
+from kdcache.losses import KD_LOSSES
+from kdcache.train import Setup, fit, student_line
 
 
 def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
@@ -37,7 +40,6 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     device = distributed.device_for(dist, distributed.resolve_device(cfg.device))
     with distributed.process_group(device.type) as dist:
         setup = Setup(cfg, device, dist)
-        runs, folders = plan_runs(cfg, setup.mode)
         if setup.pairs:  # a student layer, or shapes no adapter can join, fail here, before any training
             probe = features.probe_batch(setup.train_data.dataset, device)
             for name in cfg.students:
@@ -46,22 +48,26 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
         teacher_top1 = None
         if setup.teacher_pred is not None:
             teacher_top1 = 100.0 * (setup.teacher_pred == torch.as_tensor(setup.test_data.labels)).float().mean().item()
-        todo = [run for run in runs if not _finished(cfg, folders[run])]
-        if cfg.jobs > 1 and len(todo) > 1:
-            trained = jobs.run(cfg, todo, folders)  # each job sets up its own data and teacher
-        else:
-            trained = {run: fit(run[0], run[1], setup, folders[run]) for run in todo}
-        rows = []
-        for name, kind in runs:
-            row = trained.get((name, kind))
-            if row is None:  # trained by an earlier run (--resume): said here, the others when they finished
-                row = finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
-                if dist.is_main:
-                    log.info(student_line(row) + "  (trained earlier)")
-            row["teacher_top1"] = teacher_top1
-            rows.append(row)
-        if dist.is_main:
-            write_summary(cfg.out, rows)
+        # one training per OUT at a time (rank 0 holds it for all ranks): a second one would write the
+        # same students' checkpoints and summary; it fails here, at once, naming the first
+        with StoreLock(cfg.out, what="training") if dist.is_main else contextlib.nullcontext():
+            runs, folders = plan_runs(cfg, setup.mode)  # what OUT holds, judged while no one else writes it
+            todo = [run for run in runs if not _finished(cfg, folders[run])]
+            if cfg.jobs > 1 and len(todo) > 1:
+                trained = jobs.run(cfg, todo, folders)  # each job sets up its own data and teacher
+            else:
+                trained = {run: fit(run[0], run[1], setup, folders[run]) for run in todo}
+            rows = []
+            for name, kind in runs:
+                row = trained.get((name, kind))
+                if row is None:  # trained by an earlier run (--resume): said here, the others when they finished
+                    row = finished_row(name, kind, cfg, os.path.join(folders[(name, kind)], "model.pt"))
+                    if dist.is_main:
+                        log.info(student_line(row) + "  (trained earlier)")
+                row["teacher_top1"] = teacher_top1
+                rows.append(row)
+            if dist.is_main:
+                write_summary(cfg.out, rows)
         return rows
 
 

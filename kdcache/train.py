@@ -21,7 +21,6 @@ from kdcache.data import WithIndex, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import capture
 from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
-from kdcache.encodings import Sampled, TopK
 from kdcache.progress import Progress, log
 from kdcache.schedules import Schedule
 from kdcache.targets import CachedTeacher, OnlineTeacher, StreamedSplit, choose_place, open_cache
@@ -29,54 +28,20 @@ from kdcache.targets import CachedTeacher, OnlineTeacher, StreamedSplit, choose_
 
 # --- the objective -------------------------------------------------------------------------
 
-KD_LOSSES = (*losses.LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD variant
-
-
-def logit_kd_loss(name: str, student: torch.Tensor, teacher, target: torch.Tensor, T: float,
-                  reconstruction: str = "sparse"):
-    """The `--loss` term between student logits [B, C] and the teacher's: logits [B, C], or a TopK
-    from a top-k cache (soft_target uses it as it is, the other losses its dense reconstruction).
-    A teacher row the loss cannot use (NaN, +inf, kept with --allow-nonfinite) is a user error."""
-    try:
-        return _logit_kd_loss(name, student, teacher, target, T, reconstruction)
-    except ValueError as e:
-        raise KDCacheError(f"--loss {name}: {e} (kept by dump-teacher --allow-nonfinite)") from None
-
-
-def _logit_kd_loss(name, student, teacher, target, T, reconstruction):
-    if isinstance(teacher, Sampled):  # a few drawn classes: only soft_target has an unbiased estimate from them
-        if name != "soft_target":
-            raise ValueError("sampled targets estimate soft_target's loss only; use --loss soft_target")
-        return losses.soft_target_sampled(student, teacher, T)
-    if isinstance(teacher, TopK):
-        if name == "soft_target":
-            return losses.soft_target_topk(student, teacher, T, reconstruction=reconstruction)
-        teacher = teacher.dense()
-    if name == "soft_target":
-        return losses.soft_target(student, teacher, T)
-    if name == "dkd":
-        return losses.dkd(student, teacher, target, T=T)  # the paper's CIFAR recipe: alpha=1, beta=8
-    if name == "nkd":
-        return losses.dkd(student, teacher, target, beta=1.5, T=T, normalize=True)  # the paper's gamma=1.5
-    return losses.LOGIT_LOSSES[name](student, teacher)
-
-
 def objective(out: torch.Tensor, y: torch.Tensor, teacher: dict | None, alpha: float, cfg: TrainConfig,
               feature_losses: dict | None = None, feature_weight: float = 0.0) -> dict:
-    """`(1 - alpha) CE + alpha KD + feature_weight * sum(feature_losses)`, with its parts by name.
-
-    CE alone without a teacher. `y` is [B] classes, or [B, C] mixed labels for mixed views. `feature_losses` is {pair: scalar} for the batch (FeatureKD's
-    output); `feature_loss` reports their unweighted sum.
-    """
-    task = F.cross_entropy(out, y)
+    """losses.kd_objective with this run's --loss, --temperature and --topk-reconstruction; CE alone
+    without a teacher. `y` is [B] classes, or [B, C] mixed labels for mixed views. A teacher row
+    the loss cannot use (NaN, +inf, kept with --allow-nonfinite) is a user error, in one line."""
     if teacher is None:
+        task = F.cross_entropy(out, y)
         return {"loss": task, "task_loss": task}
-    kd = logit_kd_loss(cfg.loss, out, teacher["logits"], y, cfg.temperature, cfg.topk_reconstruction)
-    parts = {"loss": (1 - alpha) * task + alpha * kd, "task_loss": task, "kd_loss": kd}
-    if feature_losses:
-        parts["feature_loss"] = sum(feature_losses.values())
-        parts["loss"] = parts["loss"] + feature_weight * parts["feature_loss"]
-    return parts
+    try:
+        return losses.kd_objective(out, teacher["logits"], y, alpha, cfg.temperature, loss=cfg.loss,
+                                   reconstruction=cfg.topk_reconstruction, feature_losses=feature_losses,
+                                   feature_weight=feature_weight)
+    except ValueError as e:
+        raise KDCacheError(f"--loss {cfg.loss}: {e} (kept by dump-teacher --allow-nonfinite)") from None
 
 
 def lr_factor(kind: str, pos: float) -> float:

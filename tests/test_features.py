@@ -88,7 +88,7 @@ def test_nkd_is_dkd_normalized_with_the_papers_weight():
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     parts = train.objective(s, y, {"logits": t}, 1.0, TrainConfig(students=["x"], loss="nkd", temperature=2.0))
     torch.testing.assert_close(parts["kd_loss"], losses.dkd(s, t, y, beta=1.5, T=2.0, normalize=True))
-    assert "nkd" in train.KD_LOSSES
+    assert "nkd" in losses.KD_LOSSES
 
 
 @pytest.mark.parametrize("loss, form, student, teacher, out, params", [

@@ -588,3 +588,19 @@ def test_soft_target_topk_dense_is_soft_target_against_the_evenly_filled_logits(
     expected /= len(S)
     got = losses.soft_target_topk(t64(S), teacher, T=T, reconstruction="dense")
     assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_kd_objective_takes_any_teacher_a_cache_gives():
+    # a top-k cache's TopK (the README's Python API on a --topk store) and dense logits alike
+    from kdcache.encodings import LogitCodec
+
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g), torch.tensor([1, 2, 3, 4])
+    dense = losses.kd_objective(s, t, y, alpha=0.9, T=4.0)
+    codec = LogitCodec("float32", 10, 10)
+    full = losses.kd_objective(s, codec.decode(codec.encode(t)), y, alpha=0.9, T=4.0)
+    assert set(dense) == {"loss", "task_loss", "kd_loss"}
+    assert full["loss"].item() == pytest.approx(dense["loss"].item(), rel=1e-5)  # K = C is the dense loss
+    top3 = LogitCodec("float16", 3, 10)
+    parts = losses.kd_objective(s, top3.decode(top3.encode(t)), y, alpha=0.9, T=4.0, loss="dkd")
+    assert torch.isfinite(parts["loss"])

@@ -46,10 +46,11 @@ def _parse(text: str) -> dict:
 class StoreLock:
     """`with StoreLock(path):` holds `path + '.lock'` for the duration."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, what: str = "dump"):
         from kdcache.store.remote import is_url
 
         self.path = None if is_url(path) else str(path).rstrip("/") + ".lock"  # URLs: no lock, see above
+        self.what = what  # the job that writes `path`, for messages: dump, convert, training
         self.held = False
 
     def acquire(self) -> None:
@@ -61,7 +62,7 @@ class StoreLock:
             if self._create(me) or self._take_over_if_stale(me):
                 self.held = True
                 return
-        raise KDCacheError(f"could not take the lock {self.path}; delete it if no dump is running")
+        raise KDCacheError(f"could not take the lock {self.path}; delete it if no {self.what} is running")
 
     def _create(self, me: dict) -> bool:
         """Create the lock file naming `me`; False if there is one already."""
@@ -96,7 +97,7 @@ class StoreLock:
                 return self._create(me)  # still under the flock
         who = f"pid {holder['pid']} on {holder.get('host')}" if holder else "its lock names no process yet"
         raise KDCacheError(
-            f"another dump ({who}) is writing this store; "
+            f"another {self.what} ({who}) is writing {self.path[:-len('.lock')]}; "
             f"wait for it, or if that process is gone for good, delete {self.path}"
         )
 
