@@ -1,0 +1,149 @@
+"""Faults and hostile input: signals, concurrent writers, damaged stores and data that does not fit.
+Each ends in one line on stderr and exit status 2 (1 for verify finding damage), a state the next
+run resumes from, and nothing corrupt."""
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from kdcache import store as stores
+from kdcache.cli import main
+from kdcache.store.records import rows_written
+from helpers.pausing import alive, descendants, start, wait_for
+
+SIGNALS = {"SIGINT": (signal.SIGINT, 130, "kdcache: interrupted"), "SIGTERM": (signal.SIGTERM, 143, "kdcache: terminated")}
+
+
+def run(capsys, *argv):
+    """`kdcache ARGV` in-process: (exit status, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def stop(proc, name):
+    """Send signal `name` to `proc`; assert it ends with its exit status and one line saying so."""
+    sig, status, says = SIGNALS[name]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == status and lines and lines[-1].startswith(says) and "Traceback" not in err, err
+
+
+def same_arrays(a, b, split):
+    with stores.open_store(a) as x, stores.open_store(b) as y:
+        names = x.array_names(split)
+        assert names == y.array_names(split)
+        for name in names:
+            np.testing.assert_array_equal(np.asarray(x.read(f"{split}/{name}")), np.asarray(y.read(f"{split}/{name}")))
+
+
+def _gone(pids, timeout=60.0) -> set:
+    """The processes of `pids` still alive after waiting up to `timeout` seconds for them to end."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {p for p in pids if alive(p)}
+
+
+# --- --jobs: job processes start loader workers, and none outlives the sweep --------------------
+
+def test_a_sweep_stopped_by_sigterm_ends_its_jobs_and_their_workers(tmp_path):
+    """Jobs start DataLoader workers (a daemonic job could not), and SIGTERM to the sweep ends them all."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc = start(["train-student", "--student", "cnn_tiny", "--student", "cnn_small", "--dataset",
+                  "helpers.pausing:digits", "--epochs", "50", "--jobs", "2", "--num-workers", "1",
+                  "--out", tmp_path / "o"], ready)
+    wait_for(ready, proc, count=5)  # the parent, both jobs and loader workers have read samples
+    below = descendants(proc.pid)
+    assert len(below) >= 4  # two jobs and their workers
+    stop(proc, "SIGTERM")
+    assert _gone(below) == set()
+
+
+# --- a signal mid-way: a state the next run resumes from, no lock left, the same result ----------
+
+SMALL_BLOCKS = "dtype: float32\nchunk_bytes: 2560\n"  # 64-row blocks of float32 logits: the test split is 6
+
+
+@pytest.fixture(scope="module")
+def small_store(teacher_ckpt, tmp_path_factory):
+    from kdcache import dump_teacher
+
+    return dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], dtype="float32", chunk_bytes=2560,
+                        out=str(tmp_path_factory.mktemp("s") / "s.zarr"))
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALS))
+def test_a_dump_stopped_by_a_signal_resumes_to_the_store_of_an_uninterrupted_dump(name, teacher_ckpt, tmp_path, capsys):
+    (tmp_path / "small.yaml").write_text(SMALL_BLOCKS)
+    argv = ["dump-teacher", "--teacher", teacher_ckpt, "--dataset", "helpers.pausing:test_digits", "--split", "test",
+            "--batch-size", "32", "--config", tmp_path / "small.yaml"]
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "whole.zarr")
+    assert code == 0, err
+    ready, store = tmp_path / "ready", tmp_path / "c.zarr"
+    ready.mkdir()
+    proc = start([*argv, "--out", store], ready, pause_at=200)  # stopped at about row 180 of 360
+    wait_for(ready / "paused", proc)
+    stop(proc, name)
+    assert not os.path.exists(f"{store}.lock") and not store.exists()
+    with stores.open_store(f"{store}.partial") as s:
+        assert rows_written(s, "test") >= 128  # the whole blocks before the signal are on record
+    code, out, err = run(capsys, *argv, "--out", store, "--resume")
+    assert code == 0, err
+    same_arrays(store, tmp_path / "whole.zarr", "test")
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALS))
+def test_a_convert_stopped_by_a_signal_resumes_and_a_second_convert_to_its_dst_is_refused(name, small_store, tmp_path,
+                                                                                       capsys):
+    argv = ["convert", small_store, tmp_path / "c.zarr", "--dtype", "float16"]
+    code, out, err = run(capsys, "convert", small_store, tmp_path / "whole.zarr", "--dtype", "float16")
+    assert code == 0, err
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc = start(argv, ready, pause_at=4, module="helpers.pausing")  # in DST's second 128-row block
+    wait_for(ready / "paused", proc)
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "another convert" in err and len(err.strip().splitlines()) == 1, err
+    stop(proc, name)
+    assert not os.path.exists(tmp_path / "c.zarr.lock") and not (tmp_path / "c.zarr").exists()
+    with stores.open_store(tmp_path / "c.zarr.partial") as s:
+        assert rows_written(s, "test") >= 128
+    code, out, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    same_arrays(tmp_path / "c.zarr", tmp_path / "whole.zarr", "test")
+
+
+def _metrics(folder):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(folder / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALS))
+def test_a_training_stopped_by_a_signal_resumes_and_a_second_training_into_its_out_is_refused(name, tmp_path, capsys):
+    argv = ["train-student", "--student", "cnn_tiny", "--dataset", "helpers.pausing:few_digits", "--epochs", "2",
+            "--batch-size", "64"]
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "whole")
+    assert code == 0, err
+    ready, run_out = tmp_path / "ready", tmp_path / "o"
+    ready.mkdir()
+    proc = start([*argv, "--out", run_out], ready, pause_at=256 + 100)  # in epoch 2 of 256 samples
+    wait_for(ready / "paused", proc)
+    code, out, err = run(capsys, *argv, "--out", run_out)
+    assert code == 2 and "another training" in err and len(err.strip().splitlines()) == 1, err
+    stop(proc, name)
+    assert not os.path.exists(f"{run_out}.lock") and (run_out / "cnn_tiny" / "last.pt").exists()
+    code, out, err = run(capsys, *argv, "--out", run_out, "--resume")
+    assert code == 0, err
+    resumed, whole = _metrics(run_out / "cnn_tiny"), _metrics(tmp_path / "whole" / "cnn_tiny")
+    assert len(resumed) == len(whole) == 2
+    for a, b in zip(resumed, whole):  # float32 sums in another process: equal to well above its resolution
+        assert a == pytest.approx(b, rel=1e-5)
