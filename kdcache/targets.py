@@ -323,13 +323,33 @@ def open_cache(path: str, *, device="cpu") -> Cache:
     return Cache(path, device=device)
 
 
+# The teacher side of training, one interface whatever the teacher is (trainer's `fit` never asks):
+#   teacher(x, rows) -> {"logits": [B, C] tensor | TopK | Sampled, "activations": {name: [B, ...]}}
+#   teacher.follow(sampler) -> the teacher for a run whose batches come from `sampler`
+#   teacher.start_epoch(epoch), teacher.close()
+
+
 class CachedTeacher:
     """The teacher, taken out of the loop: its outputs for a batch are a gather from the cache."""
 
     def __init__(self, targets, activations=(), device="cpu"):
-        self.targets = targets  # SplitTargets, or a StreamTeacherTargets when streamed
+        self.targets = targets  # SplitTargets, StreamedSplit, or the StreamTeacherTargets of one run
         self.activations = list(activations)  # only what the losses use is gathered per batch
         self.device = torch.device(device)
+
+    def follow(self, sampler) -> CachedTeacher:
+        """Streamed targets read their blocks in `sampler`'s order (a table in memory has no order)."""
+        if isinstance(self.targets, StreamedSplit):
+            return CachedTeacher(self.targets.stream(sampler), self.activations, self.device)
+        return self
+
+    def start_epoch(self, epoch: int) -> None:
+        if isinstance(self.targets, StreamTeacherTargets):
+            self.targets.start_epoch(epoch)  # prefetch this epoch's blocks
+
+    def close(self) -> None:
+        if isinstance(self.targets, StreamTeacherTargets):
+            self.targets.close()
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> dict:
         out = self.targets.gather(rows, self.activations)
@@ -345,6 +365,15 @@ class OnlineTeacher:
     def __init__(self, model: torch.nn.Module, activations: dict | None = None):
         self.model = model.eval()
         self.activations = activations or {}  # {name: form}, as a cache would store them
+
+    def follow(self, sampler) -> OnlineTeacher:
+        return self  # any order: the teacher sees each batch as it comes
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> dict:
         from kdcache.hooks import REDUCTIONS, capture

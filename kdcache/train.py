@@ -250,8 +250,8 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
     optimizer = make_optimizer(cfg, model, feature_kd)
     dataset = views or WithIndex(train_data.dataset)
     sampler = setup.sampler(dataset)
-    if teacher is not None and isinstance(setup.targets, StreamedSplit):
-        teacher = CachedTeacher(setup.targets.stream(sampler), teacher.activations, device)  # follows this sampler
+    if teacher is not None:
+        teacher = teacher.follow(sampler)  # streamed targets are read in this run's order
     train_loader = _loader(dataset, cfg, sampler=sampler)
     test_loader = _loader(WithIndex(test_data.dataset), cfg, batch_size=256)  # eval transform, one view
     total = cfg.epochs * len(train_loader)
@@ -283,8 +283,8 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
             if views is not None:
                 views.set_epoch(epoch)  # which view each sample trains on: a function of seed, epoch, sample
             sampler.set_epoch(epoch)  # the order: a function of seed and epoch, so resuming needs no RNG state
-            if hasattr(teacher, "targets") and hasattr(teacher.targets, "start_epoch"):
-                teacher.targets.start_epoch(epoch)  # streamed targets prefetch this epoch's blocks
+            if teacher is not None:
+                teacher.start_epoch(epoch)
             epoch_started = time.perf_counter()
             with Progress(len(dataset) // dist.world_size, f"{name} {kind} epoch {epoch + 1}/{cfg.epochs}",
                           enabled=dist.is_main) as progress:
@@ -302,8 +302,8 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
                 save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd)
             distributed.barrier(dist)  # the others wait while rank 0 evaluates and saves
     finally:
-        if hasattr(teacher, "targets") and hasattr(teacher.targets, "close"):
-            teacher.targets.close()
+        if teacher is not None:
+            teacher.close()
     metrics = distributed.broadcast_object(metrics, dist)
     row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
            "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
