@@ -131,7 +131,7 @@ def test_a_config_file_value_of_the_wrong_type_is_one_line(case, capsys, tmp_pat
 
 # --- pipelines: every stage checked before the first one runs ----------------------------------
 
-DUMP_STAGE = "  - dump-teacher: {teacher: cnn_tiny, dataset: digits, splits: [test], out: {tmp}/c.zarr}\n"
+DUMP_STAGE = "  - dump-teacher: {teacher: {ckpt}, dataset: digits, splits: [test], out: {tmp}/c.zarr}\n"
 LATER_TYPOS = {
     "unknown loss": "  - train-student: {cache: {tmp}/c.zarr, students: [cnn_tiny], loss: kl}\n",
     "unknown student": "  - train-student: {cache: {tmp}/c.zarr, students: [cnn_tny]}\n",
@@ -145,9 +145,10 @@ LATER_TYPOS = {
 
 
 @pytest.mark.parametrize("case", sorted(LATER_TYPOS))
-def test_a_pipeline_with_a_mistake_in_a_later_stage_fails_before_the_first_runs(case, capsys, tmp_path):
+def test_a_pipeline_with_a_mistake_in_a_later_stage_fails_before_the_first_runs(case, capsys, tmp_path, teacher_ckpt):
     path = tmp_path / "p.yaml"
-    path.write_text(("stages:\n" + DUMP_STAGE + LATER_TYPOS[case]).replace("{tmp}", str(tmp_path)))
+    path.write_text(("stages:\n" + DUMP_STAGE + LATER_TYPOS[case]).replace("{tmp}", str(tmp_path))
+                    .replace("{ckpt}", teacher_ckpt))
     code, out, err = run(capsys, "run", str(path))
     assert one_line_error(code, err) and "stage 2" in err, err
     assert os.listdir(tmp_path) == ["p.yaml"]  # the dump of stage 1 never ran
