@@ -1,25 +1,29 @@
 """fastai / fasterai: the cached callback trains as fasterai's own online KnowledgeDistillationCallback
 does, step for step, with the same teacher, seed and data order; loaders without indices are refused."""
-import functools
-import random
+import os
 
-import pytest
-import torch
-import torch.nn.functional as F
-from fastai.callback.core import Callback
-from fastai.callback.training import ShortEpochCallback
-from fastai.data.core import DataLoaders
-from fastai.learner import Learner
-from fastai.optimizer import SGD
-from fasterai.core.schedule import lin
-from fasterai.distill.distillation_callback import KnowledgeDistillationCallback as OnlineKD
-from fasterai.distill.losses import Attention, SoftTarget
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: nothing here may reach the network
 
-from helpers import kd_caches
-from kdcache.data import load_split
-from kdcache.errors import KDCacheError
-from kdcache.integrations import fastai as kdfastai
-from kdcache.models import build_teacher, create_model
+import functools  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from fastai.callback.core import Callback  # noqa: E402
+from fastai.callback.training import ShortEpochCallback  # noqa: E402
+from fastai.data.core import DataLoaders  # noqa: E402
+from fastai.learner import Learner  # noqa: E402
+from fastai.optimizer import SGD  # noqa: E402
+from fasterai.core.schedule import lin  # noqa: E402
+from fasterai.distill.distillation_callback import KnowledgeDistillationCallback as OnlineKD  # noqa: E402
+from fasterai.distill.losses import Attention, SoftTarget  # noqa: E402
+
+from helpers import kd_caches  # noqa: E402
+from kdcache.data import load_split  # noqa: E402
+from kdcache.errors import KDCacheError  # noqa: E402
+from kdcache.integrations import fastai as kdfastai  # noqa: E402
+from kdcache.models import build_teacher, create_model  # noqa: E402
 
 feature_cache = kd_caches.feature_cache  # session fixture
 

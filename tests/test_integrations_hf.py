@@ -2,18 +2,18 @@
 KD per step; the index column survives remove_unused_columns; data without it is refused."""
 import os
 
-import pytest
-import torch
-import torch.nn.functional as F
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: nothing here may reach the network
 
-from kdcache import losses
-from kdcache.data import load_split
-from kdcache.errors import KDCacheError
-from kdcache.integrations.hf import DistillationTrainer, IndexCollator, indexed
-from kdcache.models import build_teacher
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments  # noqa: E402
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the network
+from kdcache import losses  # noqa: E402
+from kdcache.data import load_split  # noqa: E402
+from kdcache.errors import KDCacheError  # noqa: E402
+from kdcache.integrations.hf import DistillationTrainer, IndexCollator, indexed  # noqa: E402
+from kdcache.models import build_teacher  # noqa: E402
 
 
 class Pixels(torch.utils.data.Dataset):
