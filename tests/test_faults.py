@@ -147,3 +147,53 @@ def test_a_training_stopped_by_a_signal_resumes_and_a_second_training_into_its_o
     assert len(resumed) == len(whole) == 2
     for a, b in zip(resumed, whole):  # float32 sums in another process: equal to well above its resolution
         assert a == pytest.approx(b, rel=1e-5)
+
+
+# --- damaged store files: one line for every command that reads them ---------------------------
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def _future(path):
+    s = stores.open_store(path, read_only=False)
+    s.update_attrs({"schema_version": stores.SCHEMA_VERSION + 1})
+    s.close()
+
+
+def _commands(store, tmp_path):
+    yield ["inspect", store]
+    yield ["verify", store]
+    yield ["train-student", "--cache", store, "--student", "cnn_tiny", "--epochs", "1", "--out", tmp_path / "o"]
+    yield ["convert", store, tmp_path / "converted.zarr", "--dtype", "float16"]
+
+
+@pytest.mark.parametrize("metadata", ["train/zarr.json", "train/logits/zarr.json", "test/labels/zarr.json"])
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_a_truncated_zarr_json_below_the_root_is_one_line_for_every_command(metadata, keep, fp32_cache, tmp_path,
+                                                                              capsys):
+    import shutil
+
+    store = tmp_path / "c.zarr"
+    shutil.copytree(fp32_cache, store)
+    _truncate(store / metadata, keep)
+    for argv in _commands(store, tmp_path):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.strip().splitlines() == [err.strip()] and metadata in err, (argv[0], err)
+        assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["c.zarr"]  # nothing trained, nothing converted
+
+
+@pytest.mark.parametrize("damage", ["truncated h5", "future zarr", "future h5"])
+def test_a_truncated_hdf5_file_or_a_newer_schema_is_one_line_for_every_command(damage, fp32_cache, tmp_path, capsys):
+    from kdcache.convert import convert_store
+
+    store = tmp_path / ("c.h5" if damage.endswith("h5") else "c.zarr")
+    convert_store(fp32_cache, str(store))
+    (_truncate if damage.startswith("truncated") else _future)(store)
+    for argv in _commands(store, tmp_path):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv[0], err)
+    assert sorted(os.listdir(tmp_path)) == [store.name]

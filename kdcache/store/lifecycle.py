@@ -75,6 +75,8 @@ def open_store(path: str, *, read_only: bool = True) -> Store:
                 "finish it with kdcache dump-teacher ... --resume"
             )
         raise KDCacheError(f"cache '{path}' does not exist; create it with kdcache dump-teacher --out {path}")
+    if backend is ZarrStore and not is_url(path):
+        _check_metadata(path)
     try:
         with translate_errors(path, write=False):
             store = backend(path, read_only=read_only)
@@ -91,6 +93,29 @@ def open_store(path: str, *, read_only: bool = True) -> Store:
             "upgrade kdcache"
         )
     return store
+
+
+def _check_metadata(path: str) -> None:
+    """Refuse a local Zarr store with a damaged zarr.json: zarr reads a group's or array's metadata
+    only when it is first used, so a truncated one would end inspect, verify or training midway in a
+    JSONDecodeError."""
+    import json
+
+    for folder, subfolders, files in os.walk(path):
+        if "zarr.json" not in files:
+            continue
+        name = os.path.join(folder, "zarr.json")
+        try:
+            with open(name, "rb") as f:
+                doc = json.loads(f.read())
+            kind = doc.get("node_type") if isinstance(doc, dict) else None
+        except (OSError, ValueError):  # truncated, empty, not UTF-8
+            kind = None
+        if kind not in ("group", "array"):
+            raise KDCacheError(f"'{path}' is damaged: {os.path.relpath(name, path)} is not a Zarr metadata "
+                               "document (truncated or overwritten); restore the store from a copy or dump it again")
+        if kind == "array":
+            subfolders[:] = []  # below an array are only its chunks: thousands of files, no metadata
 
 
 def final_path(path: str) -> str:
