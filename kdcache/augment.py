@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from kdcache import seeds
 from kdcache import store as stores
 from kdcache.errors import KDCacheError, closest
 from kdcache.imports import user_callable
@@ -123,39 +124,10 @@ def library_versions() -> dict:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
 
 
-# --- seeds: pure integer functions, the same in every process -----------------------------------
+# --- seeds: pure integer functions, the same in every process (kdcache/seeds.py) ----------------
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: keeps 0 from hashing to 0
-_VIEW, _CHOICE, _PARTNER = 1, 2, 3  # domain tags: view seeds, per-epoch view choices and partners never collide
-
-
-def _splitmix(z):
-    """splitmix64's finalizer (Steele et al. 2014): a bijection of uint64 whose outputs for
-    neighbouring inputs look independent. Python ints (masked to 64 bits) or uint64 arrays."""
-    if isinstance(z, int):
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        return z ^ (z >> 31)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _hash(*parts):
-    """uint64 hash of non-negative integers; no process, worker or hash seed enters it. All ints give
-    an int (the per-sample path: 10x faster than numpy scalars); any array gives a broadcast array."""
-    if all(isinstance(p, (int, np.integer)) for p in parts):
-        h = 0
-        for part in parts:
-            h = _splitmix(((h ^ (int(part) & _MASK64)) + _GOLDEN) & _MASK64)
-        return h
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-        h = np.zeros((), dtype=np.uint64)
-        for part in parts:
-            part = np.asarray(part & _MASK64 if isinstance(part, int) else part).astype(np.uint64)
-            h = _splitmix((h ^ part) + np.uint64(_GOLDEN))
-        return h
+_VIEW, _CHOICE, _PARTNER = seeds.VIEW, seeds.CHOICE, seeds.PARTNER
+_hash, _MASK64 = seeds.seed_hash, seeds.MASK64
 
 
 def view_seeds(base_seed: int, index, view):
@@ -450,8 +422,6 @@ def _replayed(cfg, data, cache, recorded: dict) -> TrainViews:
             raise KDCacheError(f"--{name} {asked}: cache '{cache.path}' replays the views it was dumped with "
                                f"(--{name} {held}); drop --{name}, or dump a cache with --{name} {asked}")
     check_mix_loss(cfg.loss, recorded["mix"])
-    from kdcache import store as stores
-
     with stores.open_store(cache.path) as store:
         recipe = stored_recipe(store, data, recorded, named=cfg.augment)
     check_replay(recipe, recipe.stored["view_digests"], cfg.verify_replay, recorded, cache.splits[data.split], data.split)

@@ -5,7 +5,6 @@ Every helper here is a no-op with one process, so single-process code paths call
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from kdcache import seeds
 from kdcache.errors import KDCacheError
 
 __all__ = ["Dist", "process_group", "barrier", "broadcast_object", "all_gather_object", "device_for",
@@ -198,8 +198,7 @@ def loss_scale(local_size: int, global_size: int, world_size: int) -> float:
 def _epoch_seed(seed: int, epoch: int) -> int:
     """uint64 seed of an epoch's permutation: a pure function of (seed, epoch), so resuming needs no RNG
     state, and (seed, epoch) pairs never share a permutation the way seed + epoch would."""
-    digest = hashlib.blake2b(f"kdcache.GlobalBatchSampler:{seed}:{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return seeds.seed_hash(seeds.EPOCH_ORDER, seed, epoch)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from kdcache.errors import KDCacheError
+from kdcache.seeds import seed_hash
 
 __all__ = ["BlockShuffleSampler", "StreamTargets"]
 
@@ -95,7 +96,7 @@ class BlockShuffleSampler(torch.utils.data.Sampler[list[int]]):
 
     # --- the plan of one epoch ------------------------------------------------------------
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        return torch.Generator().manual_seed(seed_hash(self.seed, self.epoch))
 
     def _per_rank(self) -> int:
         """Samples every rank yields per epoch, the same every epoch (a trainer sizes its schedule
@@ -379,19 +380,6 @@ class StreamTargets:
         self._windows = {}
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*parts: int) -> int:
-    """A 64-bit seed from integers (splitmix64 rounds): every part reaches the low 32 bits, the
-    only ones torch's CPU generator keeps (`manual_seed(1)` and `manual_seed(1 + 2**32)` agree)."""
-    h = 0
-    for part in parts:
-        z = ((h ^ (part & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h = z ^ (z >> 31)
-    return h
 
 
 # --- nested dicts of tensors ----------------------------------------------------------------
