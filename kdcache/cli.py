@@ -255,7 +255,10 @@ def main(argv=None):
         with sigterm_raises():  # SIGTERM unwinds as Ctrl-C does: a resumable state, no lock left held
             cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except KDCacheError as e:
-        click.echo(f"kdcache: error: {e}", err=True)
+        message = str(e)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch put the worker's traceback first
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        click.echo(f"kdcache: error: {message}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
         stop = e if isinstance(e, KeyboardInterrupt) else e.__cause__

@@ -331,7 +331,7 @@ def _imagefolder(path: str, split: str, image: int | None = None) -> SplitData:
     if not os.path.isdir(folder):
         found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         raise KDCacheError(f"imagefolder '{path}' has no split '{split}'; its splits are {', '.join(found) or 'none'}")
-    ds = datasets.ImageFolder(folder)
+    ds = datasets.ImageFolder(folder, loader=_load_image)
     if image is None:
         from PIL import Image
 
@@ -351,6 +351,29 @@ def _imagefolder(path: str, split: str, image: int | None = None) -> SplitData:
                      paths=paths, background=_black(IMAGENET_MEAN, IMAGENET_STD))
 
 
+def _load_image(path: str):
+    """An image file as RGB (torchvision's loader), or a one-line error naming the file that PIL cannot read."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying truncated, corrupt or not an image
+        raise KDCacheError(f"image '{path}' cannot be read ({e}); replace or remove it") from None
+
+
+def collate(batch):
+    """torch's default_collate, with samples of different shapes named in one line (torch.stack's
+    error would end the run in a traceback mid-epoch)."""
+    try:
+        return torch.utils.data.default_collate(batch)
+    except RuntimeError:
+        shapes = sorted({tuple(sample[0].shape) for sample in batch})
+        if len(shapes) < 2:
+            raise
+        raise KDCacheError(f"the samples of one batch have different shapes ({' and '.join(map(str, shapes[:2]))}); "
+                           "kdcache needs inputs of one size: resize them in the dataset (imagefolder: image=S)") from None
+
+
 def _user_dataset(spec: str, split: str, root) -> SplitData:
     ds = user_callable(spec, "dataset")(split=split, root=root)
     labels = getattr(ds, "targets", None)
@@ -358,6 +381,11 @@ def _user_dataset(spec: str, split: str, root) -> SplitData:
         labels = [int(ds[i][1]) for i in range(len(ds))]
     labels = np.asarray(labels, dtype=np.int64)
     classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    outside = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(outside):  # a loss would index past the logits mid-epoch; a dump would store them as they are
+        i = int(outside[0])
+        raise KDCacheError(f"dataset '{spec}' split '{split}' has label {labels[i]} at sample {i}, outside its "
+                           f"{len(classes)} classes (0 to {len(classes) - 1}); fix the labels or the dataset's classes")
     return SplitData(name=spec, split=split, dataset=ds, labels=labels, num_classes=len(classes),
                      class_names=[str(c) for c in classes], transform=f"{spec}(split={split!r})")
 

@@ -17,7 +17,7 @@ from kdcache.store import records
 from kdcache import augment, distributed, encodings, writer
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
-from kdcache.data import SplitData, load_split
+from kdcache.data import SplitData, collate, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher, get_module, weights_sha256
@@ -226,7 +226,8 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     amp = autocast_dtype(cfg, device)
     # --batch-size counts teacher inputs: B // V samples of V views each
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
-                                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
+                                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda,
+                                         collate_fn=collate)
     # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
     bar = Progress(n, f"dump {split}", initial=n - len(rows))
     names = [name for name, _ in activations]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kdcache import augment, distributed, features, losses
 from kdcache.config import TrainConfig, as_dict
-from kdcache.data import WithIndex, load_split
+from kdcache.data import WithIndex, collate, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import capture
 from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
@@ -148,9 +148,9 @@ def _loader(dataset, cfg: TrainConfig, *, batch_size=None, sampler=None):
     """Batches of (x, y, row) from `dataset` (WithIndex or augment.TrainViews): in `sampler`'s
     order (training), or in dataset order (evaluation)."""
     if sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=False,
-                                       num_workers=cfg.num_workers)
+                                       num_workers=cfg.num_workers, collate_fn=collate)
 
 
 def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.Optimizer:
@@ -169,6 +169,9 @@ class Setup:
         self.cfg, self.device, self.dist = cfg, device, dist
         self.announce = announce and dist.is_main  # --jobs: the parent says it once, not every job
         self.train_data = load_split(cfg.dataset, cfg.train_split, root=cfg.data_root)
+        if len(self.train_data) < 2:  # a batch of one: BatchNorm after global pooling fails, KD learns nothing
+            raise KDCacheError(f"dataset '{cfg.dataset}' split '{cfg.train_split}' holds one sample; training needs "
+                               "at least 2 (BatchNorm normalises over a batch): check the dataset and split")
         self.test_data = load_split(cfg.dataset, cfg.test_split, root=cfg.data_root)
         self.teacher, self.teacher_pred, self.mode, self.pairs, self.cache = None, None, "plain", [], None
         self.targets = None  # SplitTargets (memory, gpu) or StreamedSplit (stream)

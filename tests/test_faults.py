@@ -197,3 +197,74 @@ def test_a_truncated_hdf5_file_or_a_newer_schema_is_one_line_for_every_command(d
         code, out, err = run(capsys, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv[0], err)
     assert sorted(os.listdir(tmp_path)) == [store.name]
+
+
+# --- data that does not fit: one line before any training step -----------------------------------
+
+def _refused(capsys, tmp_path, *argv, says=""):
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_an_empty_or_one_sample_training_split_is_one_line(capsys, tmp_path):
+    for name, says in (("empty", "is empty"), ("one_sample", "one sample")):
+        _refused(capsys, tmp_path, "train-student", "--student", "cnn_tiny", "--dataset", f"helpers.odd_data:{name}",
+                 "--epochs", "1", "--out", tmp_path / "o", says=says)
+
+
+@pytest.mark.parametrize("name", ["label_out_of_range", "negative_label"])
+def test_labels_outside_the_classes_are_one_line_for_training_and_dump(name, teacher_ckpt, capsys, tmp_path):
+    _refused(capsys, tmp_path, "train-student", "--student", "cnn_tiny", "--dataset", f"helpers.odd_data:{name}",
+             "--epochs", "1", "--out", tmp_path / "o", says="outside its 10 classes")
+    _refused(capsys, tmp_path, "dump-teacher", "--teacher", teacher_ckpt, "--dataset", f"helpers.odd_data:{name}",
+             "--out", tmp_path / "c.zarr", says="outside its 10 classes")
+
+
+def test_images_of_another_size_are_one_line_for_training_and_dump(teacher_ckpt, capsys, tmp_path):
+    code, out, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "helpers.odd_data:mixed_sizes",
+                         "--epochs", "1", "--batch-size", "256", "--out", tmp_path / "o")
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "different shapes" in err, err
+    code, out, err = run(capsys, "dump-teacher", "--teacher", teacher_ckpt, "--dataset", "helpers.odd_data:mixed_sizes",
+                         "--out", tmp_path / "c.zarr")
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "different shapes" in err, err
+
+
+@pytest.fixture(scope="module")
+def corrupt_folder(tmp_path_factory):
+    """An imagefolder of 16x16 PNGs, two classes, with one truncated PNG in train/a."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for split in ("train", "test"):
+        for c, name in enumerate("ab"):
+            os.makedirs(root / split / name)
+            for i in range(4):
+                pixels = np.random.default_rng(10 * c + i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    data = (root / "train" / "a" / "2.png").read_bytes()
+    (root / "train" / "a" / "2.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_corrupt_png_in_an_imagefolder_is_one_line_naming_it(workers, corrupt_folder, capsys, tmp_path):
+    dataset = f"imagefolder:{corrupt_folder}"
+    code, out, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", dataset, "--epochs", "1",
+                         "--num-workers", workers, "--out", tmp_path / "o")
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "train/a/2.png' cannot be read" in err, err
+    code, out, err = run(capsys, "dump-teacher", "--teacher", "cnn_tiny", "--random-teacher", "--dataset", dataset,
+                         "--num-workers", workers, "--out", tmp_path / "c.zarr")
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "train/a/2.png' cannot be read" in err, err
+
+
+def test_a_dataset_changed_after_its_dump_is_refused_before_training(teacher_ckpt, capsys, tmp_path, monkeypatch):
+    dataset = "helpers.odd_data:changed_after_dump"
+    code, out, err = run(capsys, "dump-teacher", "--teacher", teacher_ckpt, "--dataset", dataset, "--out",
+                         tmp_path / "c.zarr")
+    assert code == 0, err
+    for change in ("pixel", "length"):
+        monkeypatch.setenv("KDCACHE_TEST_CHANGED", change)
+        _refused(capsys, tmp_path, "train-student", "--cache", tmp_path / "c.zarr", "--student", "cnn_tiny",
+                 "--dataset", dataset, "--epochs", "1", "--out", tmp_path / "o", says="fingerprint")
