@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, collate, load_split
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
-from kdcache.models import build_teacher, get_module, weights_sha256
+from kdcache.models import build_teacher
+from kdcache.modules import get_module, weights_sha256
 from kdcache.progress import Progress, log
 from kdcache.version import __version__
 
@@ -162,7 +164,8 @@ def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig,
     recipe = augment.dump_recipe(cfg, data)  # how its views are made; None: one clean view
     views = cfg.views if recipe is not None else 1
     n = len(data)
-    shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, views), activations, device)
+    # per-view shapes from the first view alone: --views 10**9 would make all its views here first
+    shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, 1), activations, device)
     specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in codec.arrays().items()}
     act_dtype = stores.STORAGE_DTYPES[activation_dtype(cfg.dtype)][0]
     for name, _ in activations:
@@ -282,7 +285,8 @@ def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device)
     for data in splits:
         _, _, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
         total += 8 * len(data)  # labels
-        total += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
+        # math.prod of Python ints: np.prod wraps around int64 for a huge --views and would pass the check
+        total += sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
     return total
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kdcache import losses
 from kdcache.errors import KDCacheError, closest
 from kdcache.hooks import REDUCTIONS
-from kdcache.models import get_module
+from kdcache.modules import get_module
 
 DEFAULT_LOSS = "fitnet"  # the original hint loss (Romero et al. 2015), and it trains from a full or pooled cache
 

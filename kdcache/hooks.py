@@ -9,7 +9,9 @@ from contextlib import contextmanager
 
 import torch
 
-from kdcache.models import get_module
+from kdcache.errors import KDCacheError
+from kdcache.losses import attention_map
+from kdcache.modules import get_module
 
 
 @contextmanager
@@ -34,8 +36,6 @@ def capture(model: torch.nn.Module, names):
 # Reduced forms of a cached activation. A full [B, C, H, W] map costs C*H*W values per sample;
 # attention transfer needs only the [B, H, W] map, and many feature losses only the [B, C] vector.
 def _attention(x: torch.Tensor) -> torch.Tensor:
-    from kdcache.losses import attention_map
-
     return attention_map(x, p=2)
 
 
@@ -48,8 +48,6 @@ REDUCTIONS = {"full": lambda x: x, "attention": _attention, "pool": _pool}
 
 def parse_activation(spec: str) -> tuple[str, str]:
     """'layer3.1:attention' -> ('layer3.1', 'attention'); the form defaults to 'full'."""
-    from kdcache.errors import KDCacheError
-
     name, _, form = spec.partition(":")
     form = form or "full"
     if form not in REDUCTIONS:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from kdcache.errors import KDCacheError, closest
-from kdcache.integrations import require
+from kdcache.imports import require
+from kdcache.modules import weights_sha256
 
 PREFIXES = ("timm:", "hf:")
 
@@ -98,8 +99,6 @@ def _not_found(name: str, error: Exception) -> KDCacheError:
 def build_teacher(name: str, *, num_classes: int | None, in_chans: int = 3, weights: str | None = None):
     """(model in eval mode, info) for a hub teacher; info adds `preprocessing`, the data config its
     inputs are made with (see preprocessing())."""
-    from kdcache.models import weights_sha256
-
     if name.startswith("timm:"):
         model = _timm_teacher(name, num_classes=num_classes, in_chans=in_chans, weights=weights)
     else:

@@ -1,4 +1,5 @@
-"""Import a user's own `module:callable` (a dataset, transform or model), as `python -m` would.
+"""Import a user's own `module:callable` (a dataset, transform or model), as `python -m` would, and
+the optional frameworks an integration needs.
 
 Every name of user code comes through `user_callable`, only ever from the user's own command line
 or config (stores and checkpoints may name registry entries only; see models.py and data.py).
@@ -11,6 +12,16 @@ import sys
 from typing import Callable
 
 from kdcache.errors import KDCacheError, closest
+
+
+def require(module: str, extra: str, what: str):
+    """Import an optional framework `module` for `what`, or stop with one line naming the extra that
+    installs it (`pip install 'kdcache[EXTRA]'`)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise KDCacheError(f"{what} needs {module.split('.')[0]}, which is not installed ({e}); "
+                           f"pip install 'kdcache[{extra}]'") from None
 
 
 def user_callable(spec: str, what: str) -> Callable:

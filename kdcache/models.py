@@ -5,7 +5,6 @@ Also kdcache checkpoints: what a trained student or teacher is saved as, and how
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import warnings
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdcache.imports import user_callable
+from kdcache.modules import get_module, weights_sha256  # re-exported: models are addressed by module path
 from kdcache.errors import KDCacheError, closest
 
 __all__ = [
@@ -473,18 +473,6 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, **kwargs) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at dotted path `name` (`layer3.1.conv2`); `""` is the model itself."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        raise KDCacheError(
-            f"model {type(model).__name__} has no module '{name}'; closest: {closest(name, names)} "
-            "(`kdcache layers MODEL` lists them all)"
-        ) from None
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (shared ones counted once), trainable or not."""
     return sum(p.numel() for p in model.parameters())
@@ -725,18 +713,6 @@ def model_from_checkpoint(ckpt: dict, *, arch: str | None = None, path: str | No
     )
     _load_fitting(model, ckpt["state_dict"], source=f"in {where}", arch=ckpt["arch"])
     return model
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Identity of a model's weights: sha256 over its state dict's names and tensor bytes, in name
-    order. Not of a file: the same weights in a checkpoint, a raw state dict or a DataParallel
-    wrapper (and saved on another day) have one hash."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(str(value.dtype).encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _state_dict_from(obj, path: str) -> dict:

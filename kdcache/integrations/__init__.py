@@ -5,20 +5,9 @@ Hugging Face Trainer. Each framework is imported only by its own module, when th
 """
 from __future__ import annotations
 
-import importlib
-
-from kdcache.errors import KDCacheError
+from kdcache.imports import require  # re-exported: what the framework modules import by
 
 __all__ = ["Distiller", "Teacher", "WithIndex", "evaluate", "indexed_loader", "require"]
-
-
-def require(module: str, extra: str, what: str):
-    """Import `module` for `what`, or stop with one line naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise KDCacheError(f"{what} needs {module.split('.')[0]}, which is not installed ({e}); "
-                           f"pip install 'kdcache[{extra}]'") from None
 
 
 def __getattr__(name):  # deferred: `import kdcache.integrations.fastai` need not build the plain core first

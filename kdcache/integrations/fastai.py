@@ -16,7 +16,7 @@ import functools
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.integrations import require
+from kdcache.imports import require
 from kdcache.integrations.plain import Distiller, Teacher, check_data, yields_index
 
 __all__ = ["KnowledgeDistillationCallback", "indexed"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
-from kdcache.integrations import require
+from kdcache.imports import require
 from kdcache.integrations.plain import Distiller, Teacher, check_data, label_of, yields_index
 
 __all__ = ["IndexCollator", "IndexedDataset", "indexed"]  # and DistillationTrainer, built on first use (__getattr__)

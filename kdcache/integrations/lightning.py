@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 
 from kdcache.errors import KDCacheError
-from kdcache.integrations import require
+from kdcache.imports import require
 from kdcache.integrations.plain import Distiller, Teacher, check_data, indexed_loader, yields_index
 
 __all__ = ["CacheDistillation", "indexed"]

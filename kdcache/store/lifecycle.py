@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from kdcache.errors import KDCacheError
-from kdcache.store import remote
+import kdcache.store.remote as remote
 from kdcache.store.base import Store, plan_blocks
 from kdcache.store.hdf5_store import HDF5Store
 from kdcache.store.records import chunk_checksum

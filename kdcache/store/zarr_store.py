@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from kdcache.store import remote
+import kdcache.store.remote as remote
 from kdcache.store.base import Store
 
 ZSTD_LEVEL = 1
