@@ -159,3 +159,10 @@ def test_a_pipeline_stage_option_whose_name_is_not_text_is_one_line(capsys, tmp_
     path.write_text("stages:\n  - train-student: {students: [cnn_tiny], 1: 2}\n")
     code, out, err = run(capsys, "run", str(path))
     assert one_line_error(code, err) and "stage 1" in err, err
+
+
+def test_a_huge_views_count_is_refused_by_the_room_check_without_making_the_views(teacher_ckpt, capsys, tmp_path):
+    code, out, err = run(capsys, "dump-teacher", "--teacher", teacher_ckpt, "--split", "train", "--augment", "digits",
+                         "--views", str(2**62), "--out", str(tmp_path / "c.zarr"))
+    assert one_line_error(code, err) and "needs up to" in err, err
+    assert os.listdir(tmp_path) == []
