@@ -28,6 +28,7 @@ bench: install
 
 lint: install
 	$(BIN)/python -m pyflakes kdcache tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs $(VENV)

@@ -21,7 +21,7 @@ Teacher resnet8 (random weights, saved as a kdcache checkpoint), student cnn_tin
             pays its imports (torch, torchvision, zarr) on top.
      1a/1b  batch loop (steady state) of those same calls: from the BlockWriter's creation to the
             end of its close() (loader, teacher, encode, copies, writer thread, last block), timed
-            by a BlockWriter subclass swapped into kdcache.writer. The call minus its loop (the fixed
+            by a BlockWriter subclass swapped into kdcache.store.writer. The call minus its loop (the fixed
             costs) and the dataset loading within them are printed beside 1c/1d.
 2. train-from-cache / plain-training throughput (target >= 0.97): `kdcache.train.train_one_epoch`
    with the same student init, data order and optimizer; plain = CE only (teacher=None), from
@@ -92,7 +92,7 @@ from kdcache import store as stores  # noqa: E402
 from kdcache.config import DumpConfig, TrainConfig, resolve  # noqa: E402
 from kdcache.data import WithIndex, load_split  # noqa: E402
 import kdcache.dump  # noqa: E402
-import kdcache.writer  # noqa: E402
+import kdcache.store.writer  # noqa: E402
 from kdcache.distributed import resolve_device  # noqa: E402
 from kdcache.dump import dump_teacher  # noqa: E402
 from kdcache.encodings import LogitCodec  # noqa: E402
@@ -160,9 +160,9 @@ def timed_parts(record: dict):
     """Inside, kdcache.dump uses timed versions of two names: record["loop"] gets the batch loop's
     seconds (a BlockWriter's life, created before the first batch, closed after the last block:
     loader, teacher, encode, copies, writes), record["data"] the dataset loading. The dump reaches
-    its writer as `writer.BlockWriter` (`from kdcache import writer`), so the class is swapped in
-    kdcache.writer; load_split is a name of kdcache.dump's own."""
-    writer_class, load = kdcache.writer.BlockWriter, kdcache.dump.load_split
+    its writer as `writer.BlockWriter` (`from kdcache.store import writer`), so the class is swapped in
+    kdcache.store.writer; load_split is a name of kdcache.dump's own."""
+    writer_class, load = kdcache.store.writer.BlockWriter, kdcache.dump.load_split
 
     class TimedWriter(writer_class):
         def __init__(self, *args, **kwargs):
@@ -182,11 +182,11 @@ def timed_parts(record: dict):
         finally:
             record["data"] = record.get("data", 0.0) + time.perf_counter() - start
 
-    kdcache.writer.BlockWriter, kdcache.dump.load_split = TimedWriter, timed_load  # looked up at each call
+    kdcache.store.writer.BlockWriter, kdcache.dump.load_split = TimedWriter, timed_load  # looked up at each call
     try:
         yield record
     finally:
-        kdcache.writer.BlockWriter, kdcache.dump.load_split = writer_class, load
+        kdcache.store.writer.BlockWriter, kdcache.dump.load_split = writer_class, load
 
 
 def dump_call(cfg: DumpConfig, out: str, parts: dict) -> float:

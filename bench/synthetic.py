@@ -19,7 +19,7 @@ import torch
 
 from kdcache.store import records
 from kdcache import store as stores
-from kdcache import writer
+from kdcache.store import writer
 from kdcache.encodings import LogitCodec, to_storage
 
 GROUP = 10  # classes per super-class: siblings share most of their embedding

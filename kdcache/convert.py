@@ -11,13 +11,12 @@ import os
 import numpy as np
 import torch
 
-from kdcache.store import records
+from kdcache import encodings
 from kdcache import store as stores
-from kdcache import writer
-from kdcache.dump import activation_dtype
 from kdcache.encodings import CODEC_ATTRS, LogitCodec, from_storage, recode_topk, round_float, to_storage
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
+from kdcache.store import records, writer
 from kdcache.version import __version__
 
 __all__ = ["DENSE", "convert_store", "target_codec", "convert_logits"]
@@ -158,7 +157,7 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
              chunk_bytes: int, fidelity: dict | None = None) -> None:
     partial = stores.partial_path(dst)
-    act_from = attrs.get("activation_dtype") or activation_dtype(old.dtype)
+    act_from = attrs.get("activation_dtype") or encodings.activation_dtype(old.dtype)
     # SRC's own encoding attrs go (DST writes its codec's), and so do fidelity figures measured for SRC
     kept = {k: v for k, v in attrs.items() if k not in (*CODEC_ATTRS, "fidelity")}
     root_attrs = dict(
@@ -169,7 +168,7 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         complete=False,
         **new.attrs(),  # dtype, topk, encoding: how DST's logits are stored
-        activation_dtype=activation_dtype(new.dtype) if new.dtype != old.dtype else act_from,
+        activation_dtype=encodings.activation_dtype(new.dtype) if new.dtype != old.dtype else act_from,
         converted_from={"path": os.path.abspath(src), "dtype": old.dtype, "topk": old.topk,
                         "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
                         **({"converted_from": attrs["converted_from"]} if "converted_from" in attrs else {})},

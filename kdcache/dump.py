@@ -14,8 +14,7 @@ import math
 import numpy as np
 import torch
 
-from kdcache.store import records
-from kdcache import augment, distributed, encodings, writer
+from kdcache import augment, distributed, encodings
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.data import SplitData, collate, load_split
@@ -24,6 +23,7 @@ from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher
 from kdcache.modules import get_module, weights_sha256
 from kdcache.progress import Progress, log
+from kdcache.store import records, writer
 from kdcache.version import __version__
 
 
@@ -91,7 +91,7 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         "teacher": info,
         "splits": list(cfg.splits),
         **codec.attrs(),  # dtype, topk, encoding: how the logits are stored
-        "activation_dtype": activation_dtype(cfg.dtype),
+        "activation_dtype": encodings.activation_dtype(cfg.dtype),
         "views": cfg.views,
         "augment": augment.dump_attrs(cfg),  # how views were made (None: one clean view per sample)
         "activations": {name: {"form": form} for name, form in activations},
@@ -154,11 +154,6 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
-def activation_dtype(dtype: str) -> str:
-    """Activations keep a float dtype: int8's per-row affine quantization and uint8 top-k codes are for logits only."""
-    return "float16" if dtype in ("int8", "uint8") else dtype
-
-
 def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig, device):
     """(views, recipe, {name relative to split: (shape, storage dtype)}) of a split's outputs."""
     recipe = augment.dump_recipe(cfg, data)  # how its views are made; None: one clean view
@@ -167,7 +162,7 @@ def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig,
     # per-view shapes from the first view alone: --views 10**9 would make all its views here first
     shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, 1), activations, device)
     specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in codec.arrays().items()}
-    act_dtype = stores.STORAGE_DTYPES[activation_dtype(cfg.dtype)][0]
+    act_dtype = stores.STORAGE_DTYPES[encodings.activation_dtype(cfg.dtype)][0]
     for name, _ in activations:
         specs[f"activations/{name}"] = ((n, views) + shapes[name], act_dtype)
     for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
@@ -199,8 +194,6 @@ def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpCo
     # batches of 1 and 7 differ from batches of 32 by ~1e-6 here; cuDNN picks algorithms by shape).
     # Blocks and batches are powers of two by default, so the unit is one block or a few; any other batch
     # size deals blocks in larger units (lcm), i.e. fewer and less even shares
-    import math
-
     samples = max(1, cfg.batch_size // views)  # the loader's batch in _write_blocks
     mine = distributed.rank_blocks_aligned(n_blocks, dist.world_size, dist.rank, math.lcm(block, samples) // block)
     todo = [b for b in mine if b not in done]
@@ -234,7 +227,7 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
     bar = Progress(n, f"dump {split}", initial=n - len(rows))
     names = [name for name, _ in activations]
-    act_dtype = activation_dtype(cfg.dtype)
+    act_dtype = encodings.activation_dtype(cfg.dtype)
     try:
         with (torch.inference_mode(), torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
               capture(teacher, names) as acts):

@@ -612,6 +612,11 @@ def recode_topk(old: LogitCodec, new: LogitCodec, arrays: dict[str, torch.Tensor
     return {**values, "topk_indices": indices, "logsumexp": arrays["logsumexp"], "log_tail": log_tail}
 
 
+def activation_dtype(dtype: str) -> str:
+    """Activations keep a float dtype: int8's per-row affine quantization and uint8 top-k codes are for logits only."""
+    return "float16" if dtype in ("int8", "uint8") else dtype
+
+
 def _refuse(x: torch.Tensor, bad: torch.Tensor, what: str) -> None:
     if bad.any():
         row = int(bad.flatten(0, -2).any(dim=-1).nonzero()[0]) if x.dim() > 1 else 0

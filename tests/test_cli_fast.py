@@ -28,3 +28,52 @@ def test_import_kdcache_is_lazy_and_still_gives_the_api():
             "assert 'torch' in sys.modules; print(kdcache.__version__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_no_import_cycle_among_kdcache_modules():
+    # every import, deferred ones included: a function-level import is no way around a cycle
+    import ast
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kdcache")
+    modules = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                name = os.path.relpath(os.path.join(folder, f), os.path.dirname(root))[:-3].replace(os.sep, ".")
+                modules[name.removesuffix(".__init__")] = os.path.join(folder, f)
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+                deps |= subs or ({node.module} & set(modules))
+        graph[name] = deps - {name, "kdcache"}  # the lazy package __init__ imports nothing but version
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", " -> ".join(stack[stack.index(d):] + [d])
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_layering_contract_holds():
+    # pyproject.toml's [tool.importlinter]: entry points > teacher | student sides > tools > core > store
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    linter = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    out = subprocess.run([linter], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0 and "1 kept, 0 broken" in out.stdout, out.stdout[-2000:]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache import dump_teacher, train_student, writer
+from kdcache import dump_teacher, train_student
+from kdcache.store import writer
 from kdcache import store as stores
 from kdcache.convert import convert_store
 from kdcache.encodings import LogitCodec, from_storage, to_storage

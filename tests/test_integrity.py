@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import kdcache.writer as writer_mod
+import kdcache.store.writer as writer_mod
 from kdcache import dump_teacher, open_cache
 from kdcache import store as stores
 from kdcache.errors import KDCacheError

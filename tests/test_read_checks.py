@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import kdcache.writer as writer_mod
+import kdcache.store.writer as writer_mod
 from kdcache import dump_teacher, open_cache, train_student
 from kdcache import store as stores
 from kdcache.cli import main
@@ -231,7 +231,7 @@ def test_a_chunk_zarr_left_out_for_being_all_zeros_is_not_damage(tmp_path):
     """zarr stores no chunk that is all fill value: a block of class-0 labels has no file, and its
     recorded checksum, that of zeros, says that is right."""
     from kdcache.encodings import LogitCodec
-    from kdcache.writer import BlockWriter
+    from kdcache.store.writer import BlockWriter
     from kdcache.store.records import chunk_checksum, finish_split
 
     path = str(tmp_path / "zeros.zarr")

@@ -140,7 +140,7 @@ def _synthetic_cache(path, n, classes):
     from kdcache import store as stores
     from kdcache.data import load_split
     from kdcache.encodings import LogitCodec
-    from kdcache.writer import BlockWriter
+    from kdcache.store.writer import BlockWriter
     from kdcache.store.records import ProgressRecord, chunk_checksum, finish_split
 
     data = load_split("digits", "train")

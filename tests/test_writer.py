@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from kdcache import store as stores
-from kdcache.writer import BlockWriter
+from kdcache.store.writer import BlockWriter
 from kdcache.store.records import ProgressRecord, blocks_done, chunk_checksum, read_progress
 
 

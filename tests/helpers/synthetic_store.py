@@ -9,7 +9,7 @@ import torch
 
 from kdcache.store import records
 from kdcache import store as stores
-from kdcache import writer
+from kdcache.store import writer
 from kdcache.encodings import LogitCodec, to_storage
 
 
