@@ -69,6 +69,15 @@ def test_a_sweep_stopped_by_sigterm_ends_its_jobs_and_their_workers(tmp_path):
     assert _gone(below) == set()
 
 
+def test_a_job_killed_outright_stops_the_sweep_with_one_line_instead_of_a_hang(tmp_path):
+    from kdcache import train_student
+    from kdcache.errors import KDCacheError
+
+    with pytest.raises(KDCacheError, match=r"a job process ended \(exit code -9\).*--resume"):
+        train_student(students=["cnn_tiny", "helpers.killed_student:net"], dataset="digits", epochs=1, jobs=2,
+                      out=str(tmp_path))
+
+
 # --- a signal mid-way: a state the next run resumes from, no lock left, the same result ----------
 
 SMALL_BLOCKS = "dtype: float32\nchunk_bytes: 2560\n"  # 64-row blocks of float32 logits: the test split is 6
