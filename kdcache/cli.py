@@ -4,6 +4,7 @@ Every user error ends as one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -268,6 +269,14 @@ def main(argv=None):
             sys.exit(143)
         click.echo(f"kdcache: interrupted{resume}" if isinstance(stop, KeyboardInterrupt) else "kdcache: aborted", err=True)
         sys.exit(130)
+    except OSError as e:  # the environment, not a bug: a full disk, a read-only or forbidden path
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        fix = ("free space, then rerun the same command with --resume: the whole blocks and epochs written are kept"
+               if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a path you can write, or fix its permissions")
+        click.echo(f"kdcache: error: {e.strerror or e}{where}; {fix}", err=True)
+        sys.exit(2)
     except click.ClickException as e:  # bad flags: click's message, on one line
         command = f" {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in e.ctx.command_path else ""
         click.echo(f"kdcache{command}: error: {e.format_message()} (see --help)", err=True)

@@ -224,26 +224,21 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
     if todo:
         record = records.ProgressRecord(out, split, 0, n_blocks, known)
         arrays = {f"{split}/{key}": out.array(f"{split}/{key}") for key in specs}
-        w = writer.BlockWriter(arrays, block_rows=block, blocks=todo, max_pending=MAX_PENDING, on_block=record.record)
-        try:
-            for rows in _read_rows(source, split, _spans(todo, block, n)):
-                rows.update(convert_logits(old, new, {k: rows.pop(k) for k in old.arrays()}))
-                if act_from != act_to:
-                    rows.update({k: _cast_activation(v, act_from, act_to) for k, v in rows.items()
-                                 if k.startswith("activations/")})
-                w.put({f"{split}/{k}": v for k, v in rows.items()})
-        except BaseException:
-            w.abort()
-            record.flush()  # the whole blocks converted before the failure: a resume skips them
-            raise
-        try:
-            w.close()
-        finally:
-            record.flush()  # also when close raises a write error: the whole blocks before it stay on record
+        writer.write_blocks(arrays, _converted(source, split, _spans(todo, block, n), old, new, act_from, act_to),
+                            block_rows=block, blocks=todo, record=record, max_pending=MAX_PENDING)
     known = records.read_progress(out, split, specs, n_blocks)
     missing = n_blocks - len(records.blocks_done(known, n_blocks))
     assert missing == 0, f"{missing} blocks of {split} were not written"
     records.finish_split(out, split, known, n)
+
+
+def _converted(source, split: str, spans, old, new, act_from: str, act_to: str):
+    """SRC's rows of `spans`, piece by piece, re-encoded as DST stores them ({path in DST: rows})."""
+    for rows in _read_rows(source, split, spans):
+        rows.update(convert_logits(old, new, {k: rows.pop(k) for k in old.arrays()}))
+        if act_from != act_to:
+            rows.update({k: _cast_activation(v, act_from, act_to) for k, v in rows.items() if k.startswith("activations/")})
+        yield {f"{split}/{k}": v for k, v in rows.items()}
 
 
 def _spans(blocks: list[int], block: int, n: int) -> list[tuple[int, int]]:

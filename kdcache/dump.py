@@ -216,7 +216,6 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
     # named, not listed: listing the split walks the other ranks' progress records as they are rewritten
     arrays = {f"{split}/{key}": store.array(f"{split}/{key}") for key in keys}
-    out = writer.BlockWriter(arrays, block_rows=block, blocks=todo, on_block=record.record)
     rows = [i for b in todo for i in range(b * block, min((b + 1) * block, n))]
     cuda = device.type == "cuda"
     amp = autocast_dtype(cfg, device)
@@ -224,12 +223,14 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
                                          shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda,
                                          collate_fn=collate)
-    # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
-    bar = Progress(n, f"dump {split}", initial=n - len(rows))
     names = [name for name, _ in activations]
     act_dtype = encodings.activation_dtype(cfg.dtype)
-    try:
-        with (torch.inference_mode(), torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
+
+    def batches():
+        """The teacher's outputs for `rows`, batch by batch, encoded and on their way to the host."""
+        # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
+        with (Progress(n, f"dump {split}", initial=n - len(rows)) as bar, torch.inference_mode(),
+              torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
               capture(teacher, names) as acts):
             done = 0
             for x, view_records in loader:
@@ -256,19 +257,11 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
                 ready = torch.cuda.Event() if cuda else None
                 if ready is not None:
                     ready.record()
-                out.put(host, ready)
+                yield host, ready
                 done += b
                 bar.update(b)
-    except BaseException:
-        out.abort()
-        record.flush()  # the whole blocks written before the failure: a resumed dump skips them
-        raise
-    finally:
-        bar.close()
-    try:
-        out.close()
-    finally:
-        record.flush()  # also when close raises a write error: the whole blocks before it stay on record
+
+    writer.write_blocks(arrays, batches(), block_rows=block, blocks=todo, record=record)
 
 
 def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device) -> int:

@@ -28,7 +28,7 @@ def runs(fp32_cache, tmp_path_factory):
 
 def test_ddp_without_batchnorm_follows_the_single_process_run(runs):
     two, one, _ = runs
-    a, b = metrics(two / "helpers.students:no_bn"), metrics(one / "helpers.students:no_bn")
+    a, b = metrics(two / "helpers.students.no_bn"), metrics(one / "helpers.students.no_bn")
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):  # the global batch's mean gradient either way: equal up to float summation order
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

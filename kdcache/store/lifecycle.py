@@ -222,9 +222,6 @@ def create_split(store: Store, split: str, specs: dict, labels, chunk_bytes: int
     checksums). A resumed store keeps a split it finished making; one killed while its arrays were
     being made is made again."""
     import numpy as np
-
-
-
     if split in store.group_names():
         if "block_rows" in store.get_attrs(split):
             return

@@ -51,11 +51,19 @@ class ProgressRecord:
             if time.monotonic() - self._written >= self.every:
                 self._write()
 
-    def flush(self) -> None:
-        """Write what is recorded and not yet written (at the end, or after a failure upstream)."""
+    def flush(self, after_failure: bool = False) -> None:
+        """Write what is recorded and not yet written (at the end, or after a failure upstream).
+
+        `after_failure`: best effort. When the write fails too (the disk that stopped the dump is
+        full), the blocks not on record are written again by --resume, and the first error stands."""
         with self._lock:
-            if self._pending:
+            if not self._pending:
+                return
+            try:
                 self._write()
+            except OSError:
+                if not after_failure:
+                    raise
 
     def _write(self) -> None:
         self.store.update_attrs({"first": self.first, "stop": self.stop, "checksums": self.checksums},

@@ -115,3 +115,29 @@ class BlockWriter:
             self._error = e
             while not done:  # keep draining so the producer never blocks forever
                 done = self._queue.get() is _DONE
+
+
+def write_blocks(arrays: dict, batches, *, block_rows: int, blocks, record, max_pending: int = 8) -> None:
+    """Write every batch of `batches` (`{path: rows}`, or `({path: rows}, cuda_event)`) into the whole
+    blocks `blocks` through a BlockWriter, recording each whole block in `record` (a ProgressRecord).
+
+    The one write loop of dump-teacher and convert. Whatever stops it (a teacher error, Ctrl-C, a
+    full disk), the whole blocks already written stay on record, so `--resume` skips them; when the
+    disk itself is what failed, recording is best effort and its own error never hides the first.
+    """
+    out = BlockWriter(arrays, block_rows=block_rows, blocks=blocks, max_pending=max_pending, on_block=record.record)
+    try:
+        for batch in batches:
+            out.put(*batch) if isinstance(batch, tuple) else out.put(batch)
+    except BaseException:
+        out.abort()
+        record.flush(after_failure=True)
+        if hasattr(batches, "close"):
+            batches.close()  # a generator's own cleanup (hooks, bars) now, not when the traceback is freed
+        raise
+    try:
+        out.close()
+    except BaseException:
+        record.flush(after_failure=True)
+        raise
+    record.flush()
