@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kdcache import seeds
+from kdcache import choices, seeds
 from kdcache import store as stores
 from kdcache.errors import KDCacheError, closest
 from kdcache.imports import user_callable
@@ -175,7 +175,7 @@ def digest(x: torch.Tensor) -> int:
 
 # --- mixing: a partner and weights per view, drawn from the view's seed -------------------------
 
-MIXES = ("mixup", "cutmix")
+MIXES = choices.MIXES
 
 
 @dataclass(frozen=True)

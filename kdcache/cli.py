@@ -4,12 +4,16 @@ Every user error ends as one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import sys
+import typing
 
 import click
 
+from kdcache import choices
+from kdcache.config import GROUPS, DumpConfig, TrainConfig, flag_of, read_yaml, resolve
 from kdcache.errors import KDCacheError
 
 
@@ -19,13 +23,20 @@ def _given(options: dict) -> dict:
 
 
 def _config(cls, config_file, options):
-    from kdcache.config import read_yaml, resolve
-
     file_values = read_yaml(config_file) if config_file else {}
     return resolve(cls, file_values=file_values, overrides=_given(options), source=config_file or "options")
 
 
-config_option = click.option("--config", "config_file", type=click.Path(), help="YAML file of options; flags override it.")
+class GroupedOption(click.Option):
+    """An option that knows its --help section (GroupedCommand)."""
+
+    def __init__(self, *args, group: str = "other", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+config_option = click.option("--config", "config_file", type=click.Path(), cls=GroupedOption, group="run",
+                             help="YAML file of options (the same names, with _ or -); flags override it.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,107 +45,80 @@ def cli():
     """Offline knowledge distillation: dump a teacher's outputs once, train many students from them."""
 
 
-@cli.command("dump-teacher")
-@click.option("--teacher", help="kdcache checkpoint (OUT/<student>/model.pt) or model name (with --weights).")
-@click.option("--weights", type=click.Path(), help="State dict for a teacher given by name.")
-@click.option("--dataset", help="digits, fake[:size=N,classes=C,image=S], cifar10, ..., imagefolder:PATH, module:callable.")
-@click.option("--data-root", type=click.Path(), help="Folder holding the dataset (never downloaded).")
-@click.option("--split", "splits", multiple=True, help="Split to dump; repeat for several (default: train and test).")
-@click.option("--out", help="Store to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
-@click.option("--activation", "activations", multiple=True, help="Teacher module to store, NAME[:full|attention|pool]; repeatable.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8", "uint8"]),
-              help="Storage dtype of logits and activations (default float16; int8: logits quantized per row; "
-                   "uint8: --topk values as 8-bit codes of their log-probabilities).")
-@click.option("--topk", type=int, help="Keep the K largest logits per view, with their classes and the logsumexp.")
-@click.option("--topk-indices", type=click.Choice(["plain", "packed"]),
-              help="Class indices of --topk/--sample: plain integers (default) or packed, ceil(log2 C) bits each.")
-@click.option("--sample", type=int, help="Store S classes drawn per view from the tempered teacher (random-sampling KD).")
-@click.option("--sample-temperature", type=float, help="--sample: the draws' temperature, the one students train at (default 4).")
-@click.option("--sample-seed", type=int, help="--sample: seed of the draws (default 0).")
-@click.option("--views", type=int, help="Augmented views per training sample, each with its own teacher output (default 1).")
-@click.option("--augment", help="Transform of the views: cifar, imagenet, digits, none (default) or module:callable.")
-@click.option("--augment-seed", type=int, help="Base of every view's seed (default 0).")
-@click.option("--augment-split", "augment_splits", multiple=True, help="Split that gets views (default: train); repeatable.")
-@click.option("--mix", type=click.Choice(["mixup", "cutmix"]), help="Mix each view with a recorded partner sample.")
-@click.option("--mix-alpha", type=float, help="Beta(alpha, alpha) mixing weights (default 1).")
-@click.option("--batch-size", type=int, help="Teacher inputs per batch, B // V samples of V views (default 256).")
-@click.option("--num-workers", type=int, help="DataLoader worker processes (default 0).")
-@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--allow-nonfinite", is_flag=True, default=None, help="Keep NaN/Inf teacher outputs instead of stopping.")
-@click.option("--random-teacher", is_flag=True, default=None,
-              help="Allow a --teacher NAME without --weights: a randomly initialised network (benchmarks).")
-@click.option("--amp/--no-amp", default=None,
-              help="CUDA autocast for the teacher (default: only when --dtype is not float32, so float32 stores are float32-accurate).")
-@click.option("--resume", is_flag=True, default=None, help="Finish an interrupted dump of the same teacher and data.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing store once the new one is complete.")
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options by section (data, teacher, store, training, KD, views,
+    run), each with its help and default: the sections come from the config fields' declarations."""
+
+    def format_options(self, ctx, formatter):
+        groups: dict = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                groups.setdefault(getattr(param, "group", "run"), []).append(record)  # --help: with the run
+        for group in (*GROUPS, "other"):
+            if group in groups:
+                with formatter.section(f"{group.capitalize() if group != 'KD' else 'KD'} options"):
+                    formatter.write_dl(groups[group])
+
+
+def _shown(default) -> str:
+    """A default as --help shows it."""
+    if isinstance(default, list):
+        return ", ".join(default) if default else "none"
+    if default is None or default == "":
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def config_options(cls):
+    """The click options of config dataclass `cls`, one per field, generated from its declaration
+    (kdcache/config.py `option`): flag, type, choices, help, default and --help section. Click's own
+    default stays None, so a flag the user did not pass leaves the config file's value in force."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            kind = hints[f.name]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            base = args[0] if args else kind
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            flag, meta = flag_of(f), f.metadata
+            extra: dict = {}
+            if base is bool and type(None) in typing.get_args(kind):  # unset, on or off: --amp/--no-amp
+                decls, extra["default"] = [f"{flag}/--no-{flag[2:]}", f.name], None
+            elif base is bool:
+                decls, extra = [flag, f.name], {"is_flag": True, "default": None}
+            else:
+                decls = [flag, f.name]
+                extra["type"] = click.Choice(meta["choices"]) if meta.get("choices") else {int: int, float: float}.get(base, str)
+                extra["multiple"] = base is list
+            fn = click.option(*decls, cls=GroupedOption, group=meta["group"],
+                              help=f"{meta['help']}.  [default: {_shown(default)}]", **extra)(fn)
+        return fn
+
+    return decorate
+
+
+@cli.command("dump-teacher", cls=GroupedCommand)
+@config_options(DumpConfig)
 @config_option
 def dump_teacher_cmd(config_file, **options):
     """Run a teacher once over a dataset and write its logits (and activations) to a store."""
-    from kdcache.config import DumpConfig
+    from kdcache.distributed import Dist  # deferred, as every stage: --help imports no torch
     from kdcache.dump import dump_teacher
-
-    from kdcache.distributed import Dist
 
     out = dump_teacher(_config(DumpConfig, config_file, options))
     if Dist.from_env().is_main:  # under torchrun: said once, not once per rank
         click.echo(f"wrote {out}")
 
 
-@cli.command("train-student")
-@click.option("--cache", help="Teacher store from dump-teacher; without it, plain training (or online KD with --teacher).")
-@click.option("--student", "students", multiple=True, help="Student model name; repeat for a sweep.")
-@click.option("--dataset", help="The dataset the cache was made from (checked by fingerprint).")
-@click.option("--data-root", type=click.Path())
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]))
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--lr-schedule", type=click.Choice(["cos", "step"]))
-@click.option("--alpha", type=float, help="KD weight at the end of its schedule (default 0.9).")
-@click.option("--alpha-start", type=float, help="KD weight at the start of its schedule (default 0).")
-@click.option("--alpha-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
-@click.option("--temperature", type=float, help="Softmax temperature of the KD term (default 4).")
-@click.option("--loss", help="Logit KD loss: soft_target (default), logits, mutual, dkd, nkd.")
-@click.option("--feature", "features", multiple=True,
-              help="Feature KD pair S_LAYER=T_ACT[:LOSS]; repeatable. T_ACT: a cached activation (with --cache) or a "
-                   "teacher module (with --teacher). LOSS: fitnet (default), attention, activation_boundaries, "
-                   "similarity, pkt, rkd.")
-@click.option("--feature-weight", type=float, help="Weight of the summed feature losses at the end of its schedule (default 1).")
-@click.option("--feature-weight-start", type=float, help="Feature weight at the start of its schedule (default 0).")
-@click.option("--feature-weight-schedule", type=click.Choice(["constant", "linear", "cos", "step", "one_cycle", "agp"]))
-@click.option("--baseline", is_flag=True, default=None, help="Also train each student without KD.")
-@click.option("--teacher", help="Checkpoint for online KD (no cache), for comparison; or a model name with --weights.")
-@click.option("--weights", type=click.Path(), help="State dict or model.pt for a --teacher given by name (module:callable).")
-@click.option("--random-teacher", is_flag=True, default=None,
-              help="Allow online KD from a --teacher NAME without --weights: a random network (benchmarks).")
-@click.option("--out", help="Output folder (default runs/train).")
-@click.option("--seed", type=int)
-@click.option("--augment", help="The student's own augmentation (no cache, or a clean one): cifar, imagenet, digits, "
-                                "none, module:callable. A view cache brings its own.")
-@click.option("--views", type=int, help="Views per sample to draw from with --augment (default 0: a fresh one each epoch).")
-@click.option("--augment-seed", type=int, help="Base of the view seeds with --augment, as dump-teacher's (default 0).")
-@click.option("--view-policy", type=click.Choice(["random", "cycle"]), help="Which view a sample trains on each epoch (default random).")
-@click.option("--mix", type=click.Choice(["mixup", "cutmix"]), help="Mix the student's views (from a cache: only if dumped with --mix).")
-@click.option("--mix-alpha", type=float, help="Beta(alpha, alpha) mixing weights (default 1).")
-@click.option("--verify-replay", type=int, help="Views of a view cache to regenerate and check before training (default 64; 0: none).")
-@click.option("--topk-reconstruction", type=click.Choice(["sparse", "dense"]),
-              help="Top-k caches: KL over the K classes plus a tail bucket (default), or FKD's dense even tail.")
-@click.option("--targets-in", type=click.Choice(["auto", "memory", "gpu", "stream"]),
-              help="Where the teacher targets live: RAM, GPU, or streamed in blocks (default auto: by size and device).")
-@click.option("--buffer-blocks", type=int, help="--targets-in stream: blocks shuffled together (default 8).")
-@click.option("--jobs", type=int, help="Students trained at once, one per GPU or sharing the CPU (default 1).")
-@click.option("--device")
-@click.option("--num-workers", type=int)
-@click.option("--train-split", help="Split to train on (default train).")
-@click.option("--test-split", help="Split to evaluate on (default test).")
-@click.option("--resume", is_flag=True, default=None, help="Continue killed runs from their last epoch; skip finished students.")
-@click.option("--verify", is_flag=True, default=None, help="Check every chunk of the cache against its checksum first.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace students already trained in --out.")
+@cli.command("train-student", cls=GroupedCommand)
+@config_options(TrainConfig)
 @config_option
 def train_student_cmd(config_file, **options):
     """Train students from a teacher cache, with a scheduled KD weight alpha (and feature KD)."""
-    from kdcache.config import TrainConfig
     from kdcache.sweep import train_student
 
     train_student(_config(TrainConfig, config_file, options))
@@ -172,12 +156,12 @@ def verify_cmd(store, dataset, augment, data_root):
 @cli.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8", "uint8"]),
+@click.option("--dtype", type=click.Choice(choices.DTYPES),
               help="Storage dtype of DST's logits (and activations) (default: SRC's; int8: dense logits quantized per row; "
                    "uint8: top-k values as 8-bit codes).")
 @click.option("--topk", type=int, help="Keep the K largest logits per view, K <= SRC's for a top-k SRC (default: "
                                        "SRC's; 0: dense logits).")
-@click.option("--topk-indices", type=click.Choice(["plain", "packed"]),
+@click.option("--topk-indices", type=click.Choice(choices.INDEX_LAYOUTS),
               help="Class indices of top-k/sampled targets: plain integers or packed, ceil(log2 C) bits each (default: SRC's).")
 @click.option("--sample", type=int, help="Store S classes drawn per view from the tempered teacher (random-sampling KD).")
 @click.option("--sample-temperature", type=float, help="--sample: the draws' temperature, the one students train at (default 4).")

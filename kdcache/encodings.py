@@ -13,19 +13,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache import choices
 from kdcache.errors import KDCacheError
 
 __all__ = ["CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
            "overflowed", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
-DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # int8 is for dense logits only, uint8 for top-k values only
+DTYPES = choices.DTYPES  # int8 is for dense logits only, uint8 for top-k values only
 TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 # what a top-k store's `logits` hold (root attr topk_values), always with the float32 log_tail array:
 # rounded values are log-probabilities v - lse, float32 ones the raw logits (no rounding, so bit-exact),
 # uint8 ones codes of the log-probabilities below the row's largest (with a float32 scale per row).
 # Top-k stores without it (schema 2) rounded raw logits and kept no tail.
 TOPK_VALUES = ("log_prob", "logit", "log_prob_code")
-INDEX_LAYOUTS = ("plain", "packed")  # class indices in the smallest unsigned dtype, or ceil(log2 C) bits each
+INDEX_LAYOUTS = choices.INDEX_LAYOUTS  # class indices in the smallest unsigned dtype, or ceil(log2 C) bits each
 CODE_MAX = 254  # uint8 top-k codes 0 .. 254 span the row's finite log-probabilities; 255 is probability 0
 CODE_ZERO = 255
 MAX_DRAWS = 255  # sampled targets: counts are uint8

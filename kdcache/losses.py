@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kdcache import choices
 from kdcache.encodings import Sampled, TopK
 
 # Every loss returns a scalar tensor. Teacher arguments are targets: cached tensors carry no grad,
@@ -422,7 +423,7 @@ FEATURE_LOSS_FORMS = {
 }
 
 
-KD_LOSSES = (*LOGIT_LOSSES, "nkd")  # nkd: dkd(normalize=True), the NKD variant
+KD_LOSSES = choices.KD_LOSSES  # LOGIT_LOSSES and nkd: dkd(normalize=True), the NKD variant
 
 
 def logit_kd_loss(name, student_logits, teacher, target, T=4.0, reconstruction="sparse"):

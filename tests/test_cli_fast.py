@@ -77,3 +77,35 @@ def test_the_layering_contract_holds():
     linter = os.path.join(os.path.dirname(sys.executable), "lint-imports")
     out = subprocess.run([linter], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0 and "1 kept, 0 broken" in out.stdout, out.stdout[-2000:]
+
+
+def test_every_option_of_every_command_has_help_and_the_stages_show_their_defaults():
+    from kdcache.cli import cli
+
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert param.help, f"kdcache {name} {param.opts[0]} has no help"
+    for name in ("dump-teacher", "train-student"):
+        for param in cli.commands[name].params:
+            if param.param_type_name == "option" and param.name != "config_file":
+                assert "[default: " in param.help, (name, param.opts)
+
+
+def test_help_lists_options_by_section():
+    out = subprocess.run([sys.executable, "-c", "from kdcache.cli import main; main(['train-student', '--help'])"],
+                         capture_output=True, text=True, timeout=120).stdout
+    sections = [line for line in out.splitlines() if line.endswith("options:")]
+    assert sections == ["Data options:", "Teacher options:", "Training options:", "KD options:", "Views options:",
+                        "Run options:"], sections
+
+
+def test_each_registry_implements_exactly_the_names_its_option_offers():
+    from kdcache import augment, choices, encodings, hooks, losses, schedules
+
+    assert set(losses.LOGIT_LOSSES) | {"nkd"} == set(choices.KD_LOSSES)
+    assert set(losses.FEATURE_LOSSES) == set(choices.FEATURE_LOSSES) == set(losses.FEATURE_LOSS_FORMS)
+    assert set(schedules.SCHEDULES) == set(choices.SCHEDULES)
+    assert set(augment.PRESETS) == set(choices.AUGMENT_PRESETS)
+    assert set(hooks.REDUCTIONS) == set(choices.ACTIVATION_FORMS)
+    assert encodings.DTYPES == choices.DTYPES and encodings.INDEX_LAYOUTS == choices.INDEX_LAYOUTS

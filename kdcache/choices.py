@@ -1,0 +1,18 @@
+"""The names an option can take, declared once, importing nothing: the config, the command line
+(and its --help, which must not import torch) and the registries that implement them all read them
+here. A test checks that each registry implements exactly these names.
+"""
+
+DTYPES = ("float16", "bfloat16", "float32", "int8", "uint8")  # float16 first: the default (kdcache/encodings.py)
+INDEX_LAYOUTS = ("plain", "packed")  # top-k class indices: smallest unsigned dtype, or ceil(log2 C) bits each
+MIXES = ("mixup", "cutmix")  # kdcache/augment.py
+AUGMENT_PRESETS = ("cifar", "imagenet", "digits", "none")  # kdcache/augment.py; or module:callable
+KD_LOSSES = ("soft_target", "logits", "mutual", "dkd", "nkd")  # kdcache/losses.py (nkd: dkd normalized)
+FEATURE_LOSSES = ("fitnet", "attention", "activation_boundaries", "similarity", "pkt", "rkd")  # kdcache/losses.py
+ACTIVATION_FORMS = ("full", "attention", "pool")  # kdcache/hooks.py REDUCTIONS
+SCHEDULES = ("constant", "linear", "cos", "step", "one_cycle", "agp")  # kdcache/schedules.py
+OPTIMIZERS = ("sgd", "adamw")  # kdcache/train.py make_optimizer
+LR_SCHEDULES = ("cos", "step")  # kdcache/train.py lr_factor
+VIEW_POLICIES = ("random", "cycle")  # kdcache/augment.py TrainViews
+TOPK_RECONSTRUCTIONS = ("sparse", "dense")  # kdcache/losses.py soft_target_topk
+TARGETS_IN = ("auto", "memory", "gpu", "stream")  # kdcache/targets.py choose_place
