@@ -225,11 +225,13 @@ def models_cmd():
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path())
-def run_cmd(pipeline):
-    """Run the stages of a pipeline file (see pipelines/) in order."""
+@click.option("--resume", is_flag=True, help="Re-run after a stop: complete stores are skipped, interrupted dumps "
+                                              "and trainings resumed, trained students kept.")
+def run_cmd(pipeline, resume):
+    """Run the stages of a pipeline file (see pipelines/) in order, after checking every stage."""
     from kdcache.pipeline import run_pipeline
 
-    run_pipeline(pipeline)
+    run_pipeline(pipeline, resume=resume)
 
 
 def main(argv=None):

@@ -5,11 +5,21 @@ with the same option names as the command line (dashes or underscores).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from kdcache.config import DumpConfig, TrainConfig, read_yaml, resolve
 from kdcache.errors import KDCacheError
+from kdcache.progress import log
 
 
-def run_pipeline(path: str) -> None:
+def run_pipeline(path: str, *, resume: bool = False) -> None:
+    """Run every stage of the pipeline file `path`, after checking them all.
+
+    `resume` (kdcache run --resume): re-run a pipeline that stopped or already ran: a dump whose
+    store is complete is skipped, an interrupted one resumed, a missing one made; trainings skip
+    the students already trained and continue the interrupted ones from their last epoch.
+    """
+    from kdcache import store as stores
     from kdcache.dump import dump_teacher
     from kdcache.sweep import train_student
 
@@ -38,5 +48,14 @@ def run_pipeline(path: str) -> None:
         except KDCacheError as e:
             raise KDCacheError(f"{where}: {e}" if where not in str(e) else str(e)) from None
     for i, (command, fn, cfg) in enumerate(plan, 1):
-        print(f"== stage {i}/{len(plan)}: kdcache {command}", flush=True)
+        log.info(f"== stage {i}/{len(plan)}: kdcache {command}")
+        if resume and not cfg.overwrite:
+            if command == "dump-teacher":
+                found = stores.state(cfg.out)
+                if found == "complete":
+                    log.info(f"{cfg.out} is complete: stage {i} skipped (--resume)")
+                    continue
+                cfg = dataclasses.replace(cfg, resume=found == "partial")
+            else:
+                cfg = dataclasses.replace(cfg, resume=True)
         fn(cfg)

@@ -167,3 +167,18 @@ def test_a_device_the_machine_lacks_is_one_line(device, says, capsys, tmp_path):
     code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "digits", "--device", device,
                        "--out", tmp_path / "o")
     assert code == 2 and says in one_line(err)
+
+
+def test_a_pipeline_runs_again_with_resume_skipping_what_is_finished(tmp_path, capsys):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"""stages:
+  - train-student: {{students: [cnn_tiny], dataset: digits, epochs: 1, out: {tmp_path}/t}}
+  - dump-teacher: {{teacher: {tmp_path}/t/cnn_tiny/model.pt, dataset: digits, splits: [train, test], out: {tmp_path}/c.zarr}}
+  - train-student: {{cache: {tmp_path}/c.zarr, dataset: digits, students: [cnn_tiny], epochs: 1, out: {tmp_path}/s}}
+""")
+    assert run(capsys, "run", pipeline)[0] == 0
+    code, _, err = run(capsys, "run", pipeline)  # again: stage 1's output exists
+    assert code == 2 and "--resume" in one_line(err)
+    code, out, err = run(capsys, "run", pipeline, "--resume")
+    assert code == 0, err
+    assert "c.zarr is complete: stage 2 skipped" in out and out.count("(trained earlier)") == 2
