@@ -24,7 +24,11 @@ def _given(options: dict) -> dict:
 
 def _config(cls, config_file, options):
     file_values = read_yaml(config_file) if config_file else {}
-    return resolve(cls, file_values=file_values, overrides=_given(options), source=config_file or "options")
+    given = _given(options)
+    cfg = resolve(cls, file_values=file_values, overrides=given, source=config_file or "options")
+    if "dataset" not in given and "dataset" not in file_values:  # the one default that picks the data: said, not silent
+        click.echo(f"dataset: {cfg.dataset} (the default; pass --dataset NAME for yours)")
+    return cfg
 
 
 class GroupedOption(click.Option):

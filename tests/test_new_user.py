@@ -182,3 +182,12 @@ def test_a_pipeline_runs_again_with_resume_skipping_what_is_finished(tmp_path, c
     code, out, err = run(capsys, "run", pipeline, "--resume")
     assert code == 0, err
     assert "c.zarr is complete: stage 2 skipped" in out and out.count("(trained earlier)") == 2
+
+
+def test_the_default_dataset_is_said_not_silent(tmp_path, capsys):
+    code, out, err = run(capsys, "train-student", "--student", "cnn_tiny", "--epochs", "1", "--out", tmp_path)
+    assert code == 0, err
+    assert out.splitlines()[0] == "dataset: digits (the default; pass --dataset NAME for yours)"
+    code, out, _ = run(capsys, "train-student", "--student", "cnn_tiny", "--epochs", "1", "--dataset", "digits",
+                       "--out", tmp_path / "b")
+    assert "the default" not in out
