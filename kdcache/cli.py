@@ -261,7 +261,7 @@ def main(argv=None):
         sys.exit(130)
     except OSError as e:  # the environment, not a bug: a full disk, a read-only or forbidden path
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
+            _environment_or_raise(e)
         where = f" ({e.filename})" if e.filename else ""
         fix = ("free space, then rerun the same command with --resume: the whole blocks and epochs written are kept"
                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a path you can write, or fix its permissions")
@@ -271,3 +271,16 @@ def main(argv=None):
         command = f" {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in e.ctx.command_path else ""
         click.echo(f"kdcache{command}: error: {e.format_message()} (see --help)", err=True)
         sys.exit(2)
+    except Exception as e:  # an object store that cannot be reached, a bucket that is not there
+        _environment_or_raise(e)
+
+
+def _environment_or_raise(e: BaseException) -> None:
+    """One line and exit 2 for an environment the user can fix (kdcache.store.remote); a bug re-raises."""
+    from kdcache.store.remote import environment_error
+
+    why = environment_error(e)
+    if why is None:
+        raise e
+    click.echo(f"kdcache: error: {why}", err=True)
+    sys.exit(2)

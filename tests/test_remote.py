@@ -172,3 +172,20 @@ def test_interrupted_dump_to_s3_never_reads_as_complete_and_resume_finishes_it(
     remote, local = open_cache(url), open_cache(fp32_cache)
     for split in ("train", "test"):
         torch.testing.assert_close(remote[split].logits, local[split].logits, rtol=0, atol=0)
+
+
+def test_an_unreachable_endpoint_is_one_line(admin, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would only make the test slower
+    code, out, err = run(capsys, "inspect", "s3://kdc-nowhere/c.zarr")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "cannot reach the object store" in lines[0], err
+
+
+def test_a_missing_bucket_is_one_line_for_reading_and_for_writing(admin, teacher_ckpt, capsys):
+    code, _, err = run(capsys, "inspect", "s3://kdc-no-such-bucket/c.zarr")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    code, out, err = run(capsys, "dump-teacher", "--teacher", teacher_ckpt, "--dataset", "digits", "--split", "test",
+                         "--out", "s3://kdc-no-such-bucket/c.zarr")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

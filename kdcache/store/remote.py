@@ -163,6 +163,25 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ServerDisconnectedError", "ConnectionRefusedError", "ConnectionResetError", "gaierror")
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """A one-line account of an object store that cannot be used as it stands (its endpoint cannot
+    be reached, its bucket does not exist), or None when `exc` is something else."""
+    for e in _chain(exc):
+        name = type(e).__name__
+        if name in _UNREACHABLE:
+            return (f"cannot reach the object store ({_reason(e)}); check the endpoint (AWS_ENDPOINT_URL, the "
+                    "URL's host) and the network, then run the same command again")
+        code = getattr(e, "response", None)
+        if isinstance(code, dict) and str(code.get("Error", {}).get("Code")) == "NoSuchBucket":
+            bucket = code.get("Error", {}).get("BucketName") or "the URL's bucket"
+            return f"bucket {bucket} does not exist ({_reason(e)}); create it first, or check the URL"
+    return None
+
+
 def permission_error(url: str, exc: BaseException, write: bool = True) -> KDCacheError:
     """The one-line KDCacheError for a denied access to `url`."""
     if write:
