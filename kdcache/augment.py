@@ -25,6 +25,7 @@ from kdcache import choices, seeds
 from kdcache import store as stores
 from kdcache.errors import KDCacheError, closest
 from kdcache.imports import user_callable
+from kdcache.progress import log
 
 # --- presets: small transform recipes on the dataset's normalized [C, H, W] tensors ------------
 # Geometric ops only, applied after the eval transform, so every dataset's tensors work as they are
@@ -409,9 +410,9 @@ def training_views(cfg, data, cache=None) -> TrainViews | None:
     recipe = ViewRecipe(data.dataset, build_augmentation(cfg.augment or "none", data), base_seed=cfg.augment_seed,
                         labels=data.labels, num_classes=data.num_classes, mix=cfg.mix, mix_alpha=cfg.mix_alpha)
     if cache is not None:
-        print(f"note: cache '{cache.path}' holds the teacher's outputs on clean inputs while the student sees "
-              f"--augment {cfg.augment} views (inconsistent targets); dump-teacher --views K --augment "
-              f"{cfg.augment} makes consistent ones", flush=True)
+        log.info(f"note: cache '{cache.path}' holds the teacher's outputs on clean inputs while the student sees "
+                 f"--augment {cfg.augment} views (inconsistent targets); dump-teacher --views K --augment "
+                 f"{cfg.augment} makes consistent ones")
     return TrainViews(recipe, count=cfg.views or None, policy=cfg.view_policy, seed=cfg.seed, per_view=False)
 
 

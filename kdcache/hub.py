@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from kdcache.errors import KDCacheError, closest
 from kdcache.imports import require
+from kdcache.progress import log
 from kdcache.modules import weights_sha256
 
 PREFIXES = ("timm:", "hf:")
@@ -195,11 +196,9 @@ def with_teacher_transform(data, name: str, config: dict):
     """`data` (a SplitData) with its images made by the teacher's eval transform, where the dataset
     reads image files (imagefolder, torchvision roots: a `transform` attribute); a dataset that makes
     tensors itself keeps its own, said once on stderr. The copy keeps the data's fingerprint."""
-    import sys
-
     if not hasattr(data.dataset, "transform") or getattr(data.dataset, "transform", None) is None:
-        print(f"note: {data.name} makes its own tensors ({data.transform}); teacher {name}'s preprocessing is "
-              f"recorded in the store but not applied (an imagefolder: dataset gets it)", file=sys.stderr, flush=True)
+        log.warning(f"note: {data.name} makes its own tensors ({data.transform}); teacher {name}'s preprocessing is "
+                    "recorded in the store but not applied (an imagefolder: dataset gets it)")
         return data
     tf, description = eval_transform(name, config)
     dataset = copy.copy(data.dataset)

@@ -1,7 +1,7 @@
 """What kdcache tells the person running it: the `kdcache` logger, and progress bars or lines.
 
 Library code never prints: it logs to `log` (logger "kdcache"), which writes plain lines to stdout
-by default, so the command line and the Python API say the same; `logging.getLogger("kdcache")
+(warnings to stderr) by default, so the command line and the Python API say the same; `logging.getLogger("kdcache")
 .setLevel(logging.WARNING)` silences it. Long loops report through `Progress`: a tqdm bar on a
 terminal, and on anything else (a log file, CI, `kdcache run > log`) one line every few seconds.
 """
@@ -17,11 +17,11 @@ LINE_SECONDS = 10.0  # a progress line at most this often when stdout is not a t
 
 
 class _Stdout(logging.StreamHandler):
-    """A handler on whatever sys.stdout is when a record is written (pytest's capture,
-    contextlib.redirect_stdout and a CLI pipe all see it), not on the stdout of import time."""
+    """A handler on whatever sys.stdout (warnings: sys.stderr) is when a record is written (pytest's
+    capture, contextlib.redirect_stdout and a CLI pipe all see it), not on the stream of import time."""
 
     def emit(self, record):
-        self.stream = sys.stdout
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
         super().emit(record)
 
 

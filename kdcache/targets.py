@@ -6,7 +6,6 @@ sample indices the DataLoader yields, never a store call per sample or per batch
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ import torch
 from kdcache import store as stores
 from kdcache.encodings import LogitCodec, from_storage
 from kdcache.errors import KDCacheError
+from kdcache.progress import log
 
 
 def decode(values: np.ndarray, encoding: str | None) -> torch.Tensor:
@@ -254,9 +254,9 @@ class Cache:
             self.attrs = store.get_attrs()
             self.splits = {s: store.get_attrs(s) for s in store.group_names()}
         if any("block_rows" not in a for a in self.splits.values()):  # schema 1: what it is, said once per cache
-            print(f"kdcache: warning: cache '{self.path}' was written before per-block checksums (schema "
-                  f"{self.attrs.get('schema_version')}): its targets load unchecked; dump the teacher again to "
-                  "have every block checked as it is read", file=sys.stderr, flush=True)
+            log.warning(f"kdcache: warning: cache '{self.path}' was written before per-block checksums (schema "
+                        f"{self.attrs.get('schema_version')}): its targets load unchecked; dump the teacher again to "
+                        "have every block checked as it is read")
         self._targets: dict = {}
 
     @property

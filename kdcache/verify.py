@@ -12,6 +12,7 @@ import numpy as np
 
 from kdcache import store as stores
 from kdcache.errors import KDCacheError
+from kdcache.progress import log
 from kdcache.store.records import chunk_checksum
 
 
@@ -123,5 +124,5 @@ def _verify_data(store, split: str, dataset: dict, attrs: dict, split_attrs: dic
 
 def _skipped(split: str, checks: str, why: KDCacheError) -> list[str]:
     """A check that needs data or code not to be had here: said on stdout, not counted as a problem."""
-    print(f"note: split '{split}': {checks} skipped: {why}", flush=True)
+    log.info(f"note: split '{split}': {checks} skipped: {why}")
     return []
