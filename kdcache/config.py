@@ -102,6 +102,9 @@ class DumpConfig(Common):
             raise KDCacheError("dump-teacher needs --teacher (a kdcache checkpoint, or a model name with --weights)")
         if not self.out:
             raise KDCacheError("dump-teacher needs --out STORE.zarr or STORE.h5")
+        from kdcache.store import backend_for  # deferred: the backends import zarr and h5py
+
+        backend_for(self.out)  # an unknown suffix, or HDF5 at a URL, before any name is looked up
         if self.topk is not None and (not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1):
             raise KDCacheError(f"--topk must be a positive integer (classes kept per row), got {self.topk!r}")
         _positive("batch_size", self.batch_size)

@@ -19,7 +19,7 @@ from kdcache.errors import KDCacheError
 __all__ = ["CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
            "overflowed", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
-DTYPES = choices.DTYPES  # int8 is for dense logits only, uint8 for top-k values only
+DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # choices.DTYPES; int8: dense logits only, uint8: top-k values only
 TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 # what a top-k store's `logits` hold (root attr topk_values), always with the float32 log_tail array:
 # rounded values are log-probabilities v - lse, float32 ones the raw logits (no rounding, so bit-exact),

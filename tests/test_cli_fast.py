@@ -108,4 +108,4 @@ def test_each_registry_implements_exactly_the_names_its_option_offers():
     assert set(schedules.SCHEDULES) == set(choices.SCHEDULES)
     assert set(augment.PRESETS) == set(choices.AUGMENT_PRESETS)
     assert set(hooks.REDUCTIONS) == set(choices.ACTIVATION_FORMS)
-    assert encodings.DTYPES == choices.DTYPES and encodings.INDEX_LAYOUTS == choices.INDEX_LAYOUTS
+    assert set(encodings.DTYPES) == set(choices.DTYPES) and encodings.INDEX_LAYOUTS == choices.INDEX_LAYOUTS

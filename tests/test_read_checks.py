@@ -200,9 +200,9 @@ def test_only_the_arrays_a_run_uses_are_read_each_row_once(blocks_cache, monkeyp
 
 def test_a_load_in_pieces_reads_the_same_table_and_names_the_damaged_block_inside_a_piece(blocks_cache, tmp_path,
                                                                                            monkeypatch):
-    import kdcache.verify as verify_mod
+    import kdcache.store.checks as checks_mod
 
-    monkeypatch.setattr(verify_mod, "PIECE_BYTES", 3 * 32 * 40)  # 3 blocks a backend call: 15 calls, 45 blocks
+    monkeypatch.setattr(checks_mod, "PIECE_BYTES", 3 * 32 * 40)  # 3 blocks a backend call: 15 calls, 45 blocks
     with stores.open_store(blocks_cache) as s:
         whole = s.read("train/logits")
     torch.testing.assert_close(open_cache(blocks_cache)["train"].tables["logits"], torch.from_numpy(whole), rtol=0, atol=0)

@@ -146,9 +146,9 @@ def test_training_from_s3_makes_requests_per_chunk_not_per_sample(s3_cache, admi
 
 def test_interrupted_dump_to_s3_never_reads_as_complete_and_resume_finishes_it(
         teacher_ckpt, fp32_cache, module_bucket, admin, monkeypatch):
-    import kdcache.writer
+    import kdcache.store.writer
 
-    url, real, written = f"{module_bucket}/resumed/c.zarr", kdcache.writer.BlockWriter._write_block, itertools.count()
+    url, real, written = f"{module_bucket}/resumed/c.zarr", kdcache.store.writer.BlockWriter._write_block, itertools.count()
 
     def dies_after_three_blocks(self, start, stop):
         if next(written) == 3:
@@ -156,7 +156,7 @@ def test_interrupted_dump_to_s3_never_reads_as_complete_and_resume_finishes_it(
         real(self, start, stop)
 
     with monkeypatch.context() as crashing:
-        crashing.setattr(kdcache.writer.BlockWriter, "_write_block", dies_after_three_blocks)
+        crashing.setattr(kdcache.store.writer.BlockWriter, "_write_block", dies_after_three_blocks)
         with pytest.raises(RuntimeError, match="simulated crash"):
             dump_teacher(teacher=teacher_ckpt, out=url, **SMALL)
     assert stores.state(url) == "partial"
