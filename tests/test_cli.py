@@ -4,18 +4,7 @@ import os
 
 import pytest
 
-from kdcache.cli import main
-
-
-def run(capsys, *argv):
-    """Run `kdcache ARGV` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers.cli import run
 
 
 def test_teacher_dump_inspect_and_a_two_student_sweep(capsys, tmp_path):

@@ -6,23 +6,12 @@ import typing
 
 import pytest
 
-from kdcache.cli import main
 from kdcache.config import DumpConfig, TrainConfig, resolve
 from kdcache.errors import KDCacheError
+from helpers.cli import run
 
 NAN, INF = float("nan"), float("inf")
 NEEDS = {DumpConfig: {"teacher": "cnn_tiny", "out": "x.zarr"}, TrainConfig: {"students": ["cnn_tiny"]}}
-
-
-def run(capsys, *argv):
-    """`kdcache ARGV` in-process: (exit status, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err):

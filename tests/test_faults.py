@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 
 from kdcache import store as stores
-from kdcache.cli import main
 from kdcache.store.records import rows_written
 from helpers.pausing import alive, descendants, start, wait_for
+from helpers.cli import run
 
 SIGNALS = {"SIGINT": (signal.SIGINT, 130, "kdcache: interrupted"), "SIGTERM": (signal.SIGTERM, 143, "kdcache: terminated")}
-
-
-def run(capsys, *argv):
-    """`kdcache ARGV` in-process: (exit status, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def stop(proc, name):

@@ -15,7 +15,7 @@ from kdcache.losses import topk_teacher_bins
 from kdcache.report import describe_store, format_report
 from kdcache.verify import verify_store
 from helpers.synthetic_store import structured_logits, write_store
-from test_cli import run
+from helpers.cli import run
 
 C, N = 1000, 512
 BLOCK_BYTES = 64 * C * 4  # 64-row blocks of float32 logits: the split is 8 blocks

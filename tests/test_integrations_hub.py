@@ -13,10 +13,10 @@ from timm.data import create_transform, resolve_data_config  # noqa: E402
 from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification  # noqa: E402
 
 from kdcache import dump_teacher, open_cache, train_student  # noqa: E402
-from kdcache.cli import main  # noqa: E402
 from kdcache.errors import KDCacheError  # noqa: E402
 from kdcache.models import build_teacher, create_model, layers_model, list_layers  # noqa: E402
 from kdcache.store import open_store  # noqa: E402
+from helpers.cli import run
 
 
 @pytest.fixture(autouse=True)
@@ -122,17 +122,6 @@ def test_hub_names_that_cannot_be_used_are_one_line_errors(hf_dir, tmp_path):
     ResNetForImageClassification.from_pretrained(hf_dir).save_pretrained(bare)
     with pytest.raises(KDCacheError, match="preprocessing cannot be resolved.*processor.save_pretrained"):
         build_teacher(f"hf:{bare}", num_classes=3)
-
-
-def run(capsys, *argv):
-    """`kdcache ARGV` in-process: (exit status, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_kdcache_layers_lists_timm_modules_and_refuses_unknown_names(capsys):

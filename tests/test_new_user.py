@@ -4,24 +4,7 @@ import os
 
 import pytest
 
-from kdcache.cli import main
-
-
-def run(capsys, *argv):
-    """Run `kdcache ARGV` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from helpers.cli import one_line, run
 
 
 @pytest.fixture

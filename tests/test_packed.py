@@ -17,7 +17,7 @@ from kdcache.report import describe_store, format_report
 from kdcache.targets import open_cache
 from kdcache.verify import verify_store
 from helpers.synthetic_store import stored
-from test_cli import run
+from helpers.cli import run
 from test_remote import point_at
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)

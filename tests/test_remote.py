@@ -12,7 +12,7 @@ from kdcache import store as stores
 from kdcache.errors import KDCacheError
 from kdcache.targets import open_cache
 from kdcache.store.records import rows_written
-from test_cli import run
+from helpers.cli import run
 from test_store import StoreSuite
 
 _n = itertools.count()

@@ -15,7 +15,7 @@ from kdcache.losses import soft_target, soft_target_sampled
 from kdcache.targets import open_cache
 from kdcache.verify import verify_store
 from helpers.synthetic_store import stored
-from test_cli import run
+from helpers.cli import run
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)
 T = 2.0

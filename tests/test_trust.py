@@ -13,20 +13,9 @@ import torch
 
 from helpers.marked_code import hub_repo, marker_module
 from kdcache import store as stores
-from kdcache.cli import main
 from kdcache.errors import KDCacheError
 from kdcache.models import build_teacher
-
-
-def run(capsys, *argv):
-    """`kdcache ARGV` in-process: (exit status, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers.cli import run
 
 
 def assert_one_line_error(code, err, *words):
