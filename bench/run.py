@@ -1,4 +1,4 @@
-"""kdcache's speed targets (DESIGN.md, "Speed, as measured ratios"), measured side by side.
+"""kdcache's speed targets (docs/benchmarks.md), measured side by side.
 
 Every figure is a ratio of two sides run in the same process, alternating, round after round
 (the order reversed every other round). A ratio is judged on the median of its per-round ratios

@@ -58,4 +58,6 @@ def run_pipeline(path: str, *, resume: bool = False) -> None:
                 cfg = dataclasses.replace(cfg, resume=found == "partial")
             else:
                 cfg = dataclasses.replace(cfg, resume=True)
-        fn(cfg)
+        result = fn(cfg)
+        if command == "dump-teacher":
+            log.info(f"wrote {result}")  # as dump-teacher itself says
