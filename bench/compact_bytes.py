@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from kdcache import fidelity
 from kdcache import store as stores
 from kdcache.encodings import LogitCodec
-from synthetic import SplitWriter, codec_specs, draw_logits, host_rows, root_attrs
+from encoding_costs import stored_per_sample, write_encoded  # the dump's write path, as section 5 measures it
+from synthetic import draw_logits
 from timing import Figure
 
 CLASSES = 1000  # ImageNet's
@@ -40,32 +40,17 @@ BUDGETS = ("2000B", "200B", "100B", "64B", "32B")  # per sample
 TARGET = 100.0  # B/sample: the goal for an encoding at 1,000 classes
 
 
-def write(path: str, codec: LogitCodec, logits, labels: np.ndarray) -> None:
-    with stores.create_store(path) as store:
-        store.update_attrs(root_attrs(codec))
-        split = SplitWriter(store, codec_specs(codec), labels)
-        for start in range(0, len(logits), BATCH):
-            split.put(host_rows(codec.encode(logits[start:start + BATCH]), codec))
-        split.close()
-        store.update_attrs({"complete": True})
-
-
-def on_disk(path: str, n: int) -> float:
-    with stores.open_store(path) as store:
-        return sum(store.stored_bytes(f"train/{a}") for a in store.array_names("train") if a != "labels") / n
-
-
 def bench_compact_bytes(work: str, rows: int = ROWS, fidelity_rows: int = FIDELITY_ROWS) -> tuple[list[Figure], list[str]]:
     logits, labels = draw_logits(rows, CLASSES, seed=0)
     labels = labels.numpy()
     codecs = {name: fidelity.parse_candidate(c, CLASSES, TEMPERATURE) for name, c in ENCODINGS.items()}
     full = os.path.join(work, "compact-full.zarr")
-    write(full, LogitCodec("float32", None, CLASSES), logits, labels)
+    write_encoded(full, LogitCodec("float32", None, CLASSES), logits, labels)
     sizes = {}
     for name, codec in codecs.items():
         path = os.path.join(work, f"compact-{name.replace(' ', '-')}.zarr")
-        write(path, codec, logits, labels)
-        sizes[name] = on_disk(path, rows)
+        write_encoded(path, codec, logits, labels)
+        sizes[name] = stored_per_sample(path, rows)
         stores.remove_store(path)
     report = fidelity.measure(full, candidates=list(ENCODINGS.values()), temperature=TEMPERATURE,
                               rows=min(fidelity_rows, rows))

@@ -12,6 +12,7 @@ from kdcache.convert import convert_store
 from kdcache.encodings import LogitCodec, from_storage, to_storage
 from kdcache.errors import KDCacheError
 from kdcache.verify import verify_store
+from helpers.cli import run
 
 SMALL_CHUNKS = 64 * 40  # 64 float32 logit rows of digits' 10 classes: the test split is 6 blocks
 
@@ -219,17 +220,6 @@ def test_existing_dst_or_dst_equal_to_src_is_refused(small_src, tmp_path):
 
 
 # --- the command line ----------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    from kdcache.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_converts_as_the_readme_shows(fp32_cache, tmp_path, capsys, monkeypatch):
