@@ -374,6 +374,29 @@ def collate(batch):
                            "kdcache needs inputs of one size: resize them in the dataset (imagefolder: image=S)") from None
 
 
+def loader(dataset, *, num_workers: int, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader batching with `collate`, whose worker processes end quietly when the run stops."""
+    init = _quiet_worker if num_workers > 0 else None
+    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, collate_fn=collate, worker_init_fn=init, **kwargs)
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    """A loader worker hands batches to its parent through file descriptors served by a thread
+    (multiprocessing.resource_sharer, which reports its errors through sys.excepthook); a run
+    stopped (Ctrl-C, SIGTERM, a sweep ending its jobs) closes the parent's end, and that thread
+    would print a BrokenPipeError traceback under the run's one-line message. A lost connection
+    means the parent no longer wants the batch: drop it silently, report anything else."""
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def _user_dataset(spec: str, split: str, root) -> SplitData:
     ds = user_callable(spec, "dataset")(split=split, root=root)
     labels = getattr(ds, "targets", None)

@@ -17,7 +17,7 @@ import torch
 from kdcache import augment, distributed, encodings
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
-from kdcache.data import SplitData, collate, load_split
+from kdcache.data import SplitData, load_split, loader as data_loader
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher
@@ -220,9 +220,8 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
     cuda = device.type == "cuda"
     amp = autocast_dtype(cfg, device)
     # --batch-size counts teacher inputs: B // V samples of V views each
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
-                                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda,
-                                         collate_fn=collate)
+    loader = data_loader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
+                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
     names = [name for name, _ in activations]
     act_dtype = encodings.activation_dtype(cfg.dtype)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kdcache import augment, distributed, features, losses
 from kdcache.config import TrainConfig, as_dict
-from kdcache.data import WithIndex, collate, load_split
+from kdcache.data import WithIndex, load_split, loader as data_loader
 from kdcache.errors import KDCacheError
 from kdcache.hooks import capture
 from kdcache.models import build_teacher, count_parameters, create_model, save_checkpoint
@@ -148,9 +148,8 @@ def _loader(dataset, cfg: TrainConfig, *, batch_size=None, sampler=None):
     """Batches of (x, y, row) from `dataset` (WithIndex or augment.TrainViews): in `sampler`'s
     order (training), or in dataset order (evaluation)."""
     if sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=False,
-                                       num_workers=cfg.num_workers, collate_fn=collate)
+        return data_loader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    return data_loader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
 
 
 def make_optimizer(cfg: TrainConfig, *modules: torch.nn.Module) -> torch.optim.Optimizer:

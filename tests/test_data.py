@@ -146,3 +146,19 @@ def test_bad_digit_pairs_options_say_what_to_do_in_one_line(spec, split, match):
     with pytest.raises(KDCacheError, match=match) as e:
         load_split(spec, split)
     assert "\n" not in str(e.value)
+
+
+def test_a_loader_worker_drops_a_lost_connection_quietly_and_reports_any_other_thread_error():
+    """A stopped run closes its end of the worker's fd-sharing connection; the worker's serving thread
+    then fails with BrokenPipeError, which must not print a traceback under the run's one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys, threading, kdcache.data as d\n"
+            "d._quiet_worker(0)\n"
+            "def serve(e):  # as multiprocessing.resource_sharer's thread reports its errors\n"
+            "    try:\n        raise e\n    except BaseException:\n        sys.excepthook(*sys.exc_info())\n"
+            "for e in (BrokenPipeError(32, 'Broken pipe'), ConnectionResetError(104, 'reset'), ValueError('real')):\n"
+            "    t = threading.Thread(target=serve, args=(e,)); t.start(); t.join()\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert "ValueError: real" in err and "BrokenPipeError" not in err and "ConnectionResetError" not in err, err
