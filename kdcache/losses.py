@@ -549,16 +549,23 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
             f"{tuple(teacher.values.shape)} of {teacher.num_classes} classes; the student needs the "
             f"teacher's classes and the batch's rows (gather the TopK with the same indices)"
         )
+    log_pt_bins, log_ps_bins = _topk_bins(student_logits, teacher, T)
+    # a bin of teacher probability 0 (an empty tail, a ruled-out class) adds 0 to KL, not 0 * -inf = NaN
+    return T * T * _kl_rows(log_pt_bins, log_ps_bins).mean()
+
+
+def _topk_bins(student_logits, teacher, T):
+    """(teacher, student) log-probabilities over the same bins, each [B, K + 1] ([B, K] at K == C):
+    topk_teacher_bins, and log softmax(s / T) at the K classes plus the logsumexp of the others.
+    student_logits [B, C]; teacher a TopK of B rows over the same C classes."""
     log_ps = F.log_softmax(student_logits / T, dim=1)
     log_ps_bins = log_ps.gather(1, teacher.indices)
-    if k < c:
+    if teacher.k < teacher.num_classes:
         in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(1, teacher.indices, True)
         # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student
         log_ps_tail = torch.logsumexp(log_ps.masked_fill(in_top, float("-inf")), dim=1, keepdim=True)
         log_ps_bins = torch.cat([log_ps_bins, log_ps_tail], dim=1)
-    log_pt_bins = topk_teacher_bins(teacher, T).to(student_logits.dtype)
-    # a bin of teacher probability 0 (an empty tail, a ruled-out class) adds 0 to KL, not 0 * -inf = NaN
-    return T * T * _kl_rows(log_pt_bins, log_ps_bins).mean()
+    return topk_teacher_bins(teacher, T).to(student_logits.dtype), log_ps_bins
 
 
 def topk_teacher_bins(teacher, T=4.0):
@@ -620,3 +627,104 @@ def soft_target_sampled(student_logits, teacher, T=4.0):
     weights = teacher.weights().to(student_logits.dtype)  # 0 in unused slots: their log q of 0 adds nothing
     per_row = (weights * (teacher.log_q.to(student_logits.dtype) - log_ps)).sum(dim=1)
     return T * T * per_row.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-level losses: student_logits [..., C] (e.g. [B, L, C]), a teacher per position
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_LOSSES = ("soft_target", "reverse_kl", "gjsd")
+
+# reverse_kl and gjsd read the teacher's log-probabilities where the student puts mass: a class the
+# teacher rules out (probability 0) would cost +inf in reverse KL, and give the mixture log(0 + 0) =
+# -inf, whose gradient is NaN, where the student's probability is 0 too; they read it as this floor
+LOG_P_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # log of float32's smallest normal, ~ -87.34
+
+
+def token_kd(student_logits, teacher, *, loss="soft_target", T=1.0, beta=0.5, mask=None):
+    """Mean over target positions of T^2 * D(p_t, p_s), p_t = softmax(t / T), p_s = softmax(s / T):
+
+        "soft_target"  KL(p_t || p_s), forward KL: Hinton, Vinyals & Dean 2015 (mean-seeking),
+        "reverse_kl"   KL(p_s || p_t): MiniLLM, Gu, Dong, Wei & Huang, ICLR 2024 (mode-seeking),
+        "gjsd"         beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s,
+                       the generalised JSD of GKD (Agarwal et al., "On-Policy Distillation of
+                       Language Models", ICLR 2024) and DistiLLM (Ko et al., ICML 2024); beta = 0.5
+                       is the symmetric JSD, beta in (0, 1); m is taken in log space.
+    T^2 keeps the gradient's size independent of T, as in soft_target.
+
+    teacher: raw logits [..., C], or a TopK with values, indices [..., K] and logsumexp, log_tail
+    [...]: then both sides are the K + 1 bins of soft_target_topk's sparse form (the K classes and
+    one tail bucket; see there for its bias at T != 1), and with K == C this equals the dense loss.
+    mask [...] bool: the positions that carry a target (None: all). Only those rows are gathered and
+    computed, so the cost follows the targets; the others are never read (padding may hold
+    anything) and get zero gradient. With no target the result is 0, still a graph for backward.
+
+    A teacher probability of 0 (a -inf logit, an empty tail) adds 0 to KL(p_t || .), also in the
+    gradient. reverse_kl and gjsd clamp the teacher's log-probabilities from below at LOG_P_FLOOR
+    (log of float32's smallest normal, ~ -87.3) where they read them, so a student mass p on a
+    ruled-out class costs p * (log p + 87.3) in reverse KL, not +inf. A dense teacher row with no
+    distribution (all -inf, NaN or +inf) raises ValueError, as in soft_target.
+    Returns a scalar.
+    """
+    if loss not in TOKEN_LOSSES:
+        raise ValueError(f"token_kd: loss {loss!r} is not known; use one of {', '.join(TOKEN_LOSSES)}")
+    if loss == "gjsd" and not 0 < beta < 1:
+        raise ValueError(f"token_kd: gjsd needs 0 < beta < 1, got {beta!r}; at 0 or 1 the divergence is 0 "
+                         f"whatever the student (use 0.5 for the symmetric JSD)")
+    _token_shapes(student_logits, teacher, mask)
+    n_lead, c = student_logits.dim() - 1, student_logits.shape[-1]
+    rows = None if mask is None else mask.reshape(-1)
+    s = _target_rows(student_logits, n_lead, rows)  # [N, C]
+    if isinstance(teacher, TopK):
+        t = TopK(*(_target_rows(x, n_lead, rows) for x in (teacher.values, teacher.indices, teacher.logsumexp,
+                                                          teacher.log_tail)), c)
+        log_pt, log_ps = _topk_bins(s, t, T)
+    else:
+        t = _checked_teacher("token_kd", _target_rows(teacher, n_lead, rows).to(s.dtype))
+        log_pt, log_ps = F.log_softmax(t / T, dim=1), F.log_softmax(s / T, dim=1)
+    if loss == "soft_target":
+        per_position = _kl_rows(log_pt, log_ps)
+    elif loss == "reverse_kl":
+        per_position = _kl_rows(log_ps, log_pt.clamp(min=LOG_P_FLOOR))
+    else:
+        per_position = _gjsd_rows(log_pt, log_ps, beta)
+    # a sum over no positions is 0 with a graph; .mean() of none would be NaN
+    return T * T * per_position.sum() / max(per_position.numel(), 1)
+
+
+def _gjsd_rows(log_pt, log_ps, beta):
+    """beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) per row [N], from log-probabilities [N, M]."""
+    # the floor keeps log m finite where both sides are 0; it moves m by beta * 1e-38 at most
+    log_m = torch.logaddexp(math.log(beta) + log_pt.clamp(min=LOG_P_FLOOR), math.log1p(-beta) + log_ps)
+    return beta * _kl_rows(log_pt, log_m) + (1 - beta) * _kl_rows(log_ps, log_m)
+
+
+def _target_rows(x, n_lead, rows):
+    """x [..., *rest] with n_lead leading dims -> [N, *rest]: flattened, then the rows selected."""
+    x = x.reshape(-1, *x.shape[n_lead:])
+    return x if rows is None else x[rows]
+
+
+def _token_shapes(student_logits, teacher, mask):
+    lead, c = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if isinstance(teacher, TopK):
+        k = teacher.values.shape[-1]
+        if (teacher.num_classes != c or tuple(teacher.values.shape) != (*lead, k)
+                or teacher.indices.shape != teacher.values.shape
+                or tuple(teacher.logsumexp.shape) != lead or tuple(teacher.log_tail.shape) != lead):
+            raise ValueError(
+                f"token_kd: student {tuple(student_logits.shape)} but teacher top-{k} values "
+                f"{tuple(teacher.values.shape)}, indices {tuple(teacher.indices.shape)}, logsumexp "
+                f"{tuple(teacher.logsumexp.shape)}, log_tail {tuple(teacher.log_tail.shape)} of "
+                f"{teacher.num_classes} classes; the teacher needs the student's positions {lead} and classes {c}"
+            )
+    elif teacher.shape != student_logits.shape:
+        raise ValueError(
+            f"token_kd: student {tuple(student_logits.shape)} and teacher {tuple(teacher.shape)} logits differ; "
+            f"both need the same positions and vocabulary (align the tokenizers, or slice the padded vocabulary)"
+        )
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != lead):
+        raise ValueError(
+            f"token_kd: mask {tuple(mask.shape)} of {mask.dtype} but the student's positions are {lead}; "
+            f"pass a bool mask of that shape (e.g. labels != -100)"
+        )
