@@ -26,9 +26,21 @@ def _config(cls, config_file, options):
     file_values = read_yaml(config_file) if config_file else {}
     given = _given(options)
     cfg = resolve(cls, file_values=file_values, overrides=given, source=config_file or "options")
-    if "dataset" not in given and "dataset" not in file_values:  # the one default that picks the data: said, not silent
+    if "dataset" not in given and "dataset" not in file_values and not _token_cache(cfg):
+        # the one default that picks the data: said, not silent (a token cache brings its own sequences)
         click.echo(f"dataset: {cfg.dataset} (the default; pass --dataset NAME for yours)")
     return cfg
+
+
+def _token_cache(cfg) -> bool:
+    if not getattr(cfg, "cache", None):
+        return False
+    from kdcache.tokens.train import is_token_cache
+
+    try:
+        return is_token_cache(cfg.cache)
+    except KDCacheError:  # a missing cache: the training says so
+        return False
 
 
 class GroupedOption(click.Option):

@@ -54,6 +54,16 @@ class Common:
     mix: str | None = option(None, "mix each view with a recorded partner sample", group="views", choices=choices.MIXES)
     mix_alpha: float = option(1.0, "Beta(alpha, alpha) mixing weights: the mixup and CutMix papers' CIFAR setting",
                               group="views")
+    seq_len: int = option(128, "text datasets: tokens per sequence (windows overlap by one token, so every next token "
+                          "is a target once); at most the teacher's context", group="data")
+    tokenizer: str | None = option(None, "text datasets: tokenizer.json, a folder holding one, or bpe:N (a byte-level "
+                                   "BPE of N tokens trained on the train split); default: the teacher's, or the cache's",
+                                   group="data")
+    packing: str = option("document", "text datasets: a sequence holds one document (no attention across documents), "
+                          "or documents packed end to end (no target across a boundary)", group="data",
+                          choices=choices.PACKINGS)
+    max_sequences: int | None = option(None, "text datasets: keep the first N sequences of each split (quick runs)",
+                                       group="data")
     device: str = option("auto", "auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N or mps", group="run")
     num_workers: int = option(0, "DataLoader worker processes; 0 keeps small datasets simplest and fastest", group="run")
     resume: bool = option(False, "finish an interrupted run: a dump's STORE.partial, a training's last epoch; "
@@ -163,7 +173,9 @@ class TrainConfig(Common):
                                  "alpha from the first step)", group="KD", choices=choices.SCHEDULES)
     temperature: float = option(4.0, "softens the targets; 4 is the common choice at CIFAR-scale class counts",
                                 group="KD")
-    loss: str = option("soft_target", "logit loss between student and teacher", group="KD", choices=choices.KD_LOSSES)
+    loss: str = option("soft_target", "logit loss between student and teacher; token caches: soft_target (forward "
+                       "KL), reverse_kl or gjsd", group="KD", choices=choices.LOSSES)
+    jsd_beta: float = option(0.5, "--loss gjsd: the teacher's weight in the mixture (0.5: symmetric JSD)", group="KD")
     features: list = option([], "feature KD pair S_LAYER=T_ACT[:LOSS]; repeatable. T_ACT: a cached activation (with "
                             "--cache) or a teacher module (with --teacher); LOSS: fitnet (default), attention, "
                             "activation_boundaries, similarity, pkt, rkd", group="KD", flag="--feature")
@@ -301,6 +313,8 @@ def _dataset_name(spec):
     from kdcache import data
 
     name, colon, _ = spec.partition(":")
+    if name == "pydoc":
+        return
     if not (name in data.DATASETS or name in data.TORCHVISION or (colon and name)):
         raise KDCacheError(f"unknown dataset '{spec}'; did you mean {closest(spec, data.dataset_names())}?")
 

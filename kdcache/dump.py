@@ -23,6 +23,7 @@ from kdcache.hooks import REDUCTIONS, capture, parse_activation
 from kdcache.models import build_teacher
 from kdcache.modules import get_module, weights_sha256
 from kdcache.progress import Progress, log
+from kdcache.tokens.text import is_text_dataset
 from kdcache.store import records, writer
 from kdcache.version import __version__
 
@@ -58,43 +59,22 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         log.info(f"{out} is already complete; nothing to resume")
         return out
 
-    # 2. every rank: the data, the teacher and its outputs' encoding
-    splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
-    # a teacher given by name takes its shape from the data; a checkpoint is checked against it
-    teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
-                                  weights=cfg.weights, random_ok=cfg.random_teacher)
-    teacher.to(device).eval()
-    info = dict(info, weights_sha256=info.get("weights_sha256") or weights_sha256(teacher))  # a random one too
-    if info.get("preprocessing"):  # a timm/HF teacher sees the images through its own preprocessing (kdcache/hub.py)
-        from kdcache import hub
+    # 2. every rank: the data, the teacher and its outputs' encoding (images here, token sequences in tokens/dump.py)
+    if is_text_dataset(cfg.dataset):
+        from kdcache.tokens.dump import TokenDump
 
-        splits = [hub.with_teacher_transform(data, cfg.teacher, info["preprocessing"]) for data in splits]
-    activations = [parse_activation(a) for a in cfg.activations]
-    if len({name for name, _ in activations}) != len(activations):
-        raise KDCacheError("--activation names a module twice; store each module in one form")
-    for name, _ in activations:
-        get_module(teacher, name)  # an unknown layer fails before anything is written
-    for data in splits:
-        if data.num_classes != info["num_classes"]:
-            raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has {data.num_classes}; "
-                               "use the teacher trained on this dataset")
-    codec = encodings.LogitCodec(cfg.dtype, cfg.topk, info["num_classes"], indices=cfg.topk_indices, sample=cfg.sample,
-                                 sample_temperature=cfg.sample_temperature if cfg.sample else None,
-                                 sample_seed=cfg.sample_seed)
-    codec.validate()
-
+        job = TokenDump(cfg, device)
+    else:
+        job = ImageDump(cfg, device)
     root_attrs = {
         "schema_version": stores.SCHEMA_VERSION,
         "kdcache_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
-        "teacher": info,
+        "teacher": job.info,
         "splits": list(cfg.splits),
-        **codec.attrs(),  # dtype, topk, encoding: how the logits are stored
-        "activation_dtype": encodings.activation_dtype(cfg.dtype),
-        "views": cfg.views,
-        "augment": augment.dump_attrs(cfg),  # how views were made (None: one clean view per sample)
-        "activations": {name: {"form": form} for name, form in activations},
+        **job.codec.attrs(),  # dtype, topk, encoding: how the logits are stored
+        **job.attrs(),
         "autocast": _dtype_name(autocast_dtype(cfg, device)),  # the precision the teacher ran in (None: float32)
         "config": as_dict(cfg),
     }
@@ -104,25 +84,23 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         with stores.translate_errors(out):  # a KDCacheError, so that on_main hands it to every rank
             if action == "resume":
                 store = stores.open_store(partial, read_only=False)
-                _check_resumable(store, root_attrs, splits)
+                _check_resumable(store, root_attrs, job.splits)
             else:
-                stores.check_room(out, estimate_bytes(teacher, splits, activations, codec, cfg, device),
-                                  "choose another --out, or store reduced activations (NAME:attention or NAME:pool), "
-                                  "--topk K or --dtype int8 logits")
+                stores.check_room(out, job.estimate_bytes(), job.room_hint)
                 # a URL is its own partial: --overwrite deletes the old store here, before writing, since an
                 # object store has no rename that could keep it until the new one is complete
                 store = stores.create_store(partial)
                 store.update_attrs(root_attrs)
-            for data in splits:
-                _prepare_split(store, teacher, data, activations, codec, cfg, device)
+            for data in job.splits:
+                job.prepare_split(store, data)
             return store
 
     store = distributed.on_main(dist, prepare, share=False)
     if not dist.is_main:
         store = stores.backend_for(partial)(partial, read_only=False)
     try:
-        for data in splits:
-            _dump_split(store, teacher, data, activations, codec, cfg, device, dist)
+        for data in job.splits:
+            _dump_split(store, job, data, dist)
         distributed.barrier(dist)  # every rank's blocks are on disk
         if dist.is_main:
             store.update_attrs({"complete": True})  # written last: only now does the store read as complete
@@ -132,6 +110,67 @@ def _dump(cfg: DumpConfig, out: str, dist, device) -> str:
         stores.publish(partial, out)  # the rename into place (replacing an old store); a URL is in place already
     distributed.barrier(dist)  # no rank reports success before the store is in place
     return out
+
+
+class ImageDump:
+    """What a dump of an image dataset runs and writes: the teacher's logits of V views per sample,
+    and the activations named. A dump job gives `_dump` its splits, teacher info, codec, attrs and
+    arrays, and writes the blocks it is given (kdcache/tokens/dump.py is the other kind)."""
+
+    room_hint = ("choose another --out, or store reduced activations (NAME:attention or NAME:pool), "
+                 "--topk K or --dtype int8 logits")
+
+    def __init__(self, cfg: DumpConfig, device):
+        self.cfg, self.device = cfg, device
+        splits = [load_split(cfg.dataset, s, root=cfg.data_root) for s in cfg.splits]
+        # a teacher given by name takes its shape from the data; a checkpoint is checked against it
+        teacher, info = build_teacher(cfg.teacher, num_classes=splits[0].num_classes, in_chans=splits[0].in_chans,
+                                      weights=cfg.weights, random_ok=cfg.random_teacher)
+        self.teacher = teacher.to(device).eval()
+        self.info = dict(info, weights_sha256=info.get("weights_sha256") or weights_sha256(teacher))  # a random one too
+        if info.get("preprocessing"):  # a timm/HF teacher sees the images through its own preprocessing (kdcache/hub.py)
+            from kdcache import hub
+
+            splits = [hub.with_teacher_transform(data, cfg.teacher, info["preprocessing"]) for data in splits]
+        self.splits = splits
+        self.activations = [parse_activation(a) for a in cfg.activations]
+        if len({name for name, _ in self.activations}) != len(self.activations):
+            raise KDCacheError("--activation names a module twice; store each module in one form")
+        for name, _ in self.activations:
+            get_module(self.teacher, name)  # an unknown layer fails before anything is written
+        for data in splits:
+            if data.num_classes != info["num_classes"]:
+                raise KDCacheError(f"teacher predicts {info['num_classes']} classes but {data.name} has "
+                                   f"{data.num_classes}; use the teacher trained on this dataset")
+        self.codec = encodings.LogitCodec(cfg.dtype, cfg.topk, info["num_classes"], indices=cfg.topk_indices,
+                                          sample=cfg.sample, sample_seed=cfg.sample_seed,
+                                          sample_temperature=cfg.sample_temperature if cfg.sample else None)
+        self.codec.validate()
+
+    def attrs(self) -> dict:
+        """Root attrs beyond the codec's: how activations and views were stored."""
+        return {"activation_dtype": encodings.activation_dtype(self.cfg.dtype), "views": self.cfg.views,
+                "augment": augment.dump_attrs(self.cfg),  # how views were made (None: one clean view per sample)
+                "activations": {name: {"form": form} for name, form in self.activations}}
+
+    def estimate_bytes(self) -> int:
+        return estimate_bytes(self.teacher, self.splits, self.activations, self.codec, self.cfg, self.device)
+
+    def specs(self, data: SplitData) -> dict:
+        return _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg, self.device)[2]
+
+    def batch_samples(self, data: SplitData) -> int:
+        """Samples per teacher batch: --batch-size counts teacher inputs, B // V samples of V views each."""
+        return max(1, self.cfg.batch_size // _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg,
+                                                            self.device)[0])
+
+    def prepare_split(self, store, data: SplitData) -> None:
+        _prepare_split(store, self.teacher, data, self.activations, self.codec, self.cfg, self.device)
+
+    def write_blocks(self, store, data: SplitData, block: int, todo: list, record, keys) -> None:
+        views, recipe, _ = _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg, self.device)
+        _write_blocks(store, self.teacher, data, self.activations, self.codec, self.cfg, self.device, recipe, views,
+                      block, todo, record, keys)
 
 
 def autocast_dtype(cfg: DumpConfig, device: torch.device) -> torch.dtype | None:
@@ -178,7 +217,7 @@ def _prepare_split(store, teacher, data: SplitData, activations, codec, cfg: Dum
                          "view_transform": recipe.augmentation.description if recipe is not None else None})
 
 
-def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpConfig, device, dist) -> None:
+def _dump_split(store, job, data, dist) -> None:
     """This rank's blocks of one split that are not on disk yet, then (rank 0) the split's completion."""
     split, n = data.split, len(data)
     attrs = store.get_attrs(split)
@@ -186,7 +225,7 @@ def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpCo
         return
     block = attrs["block_rows"]
     n_blocks = -(-n // block)
-    views, recipe, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
+    specs = job.specs(data)
     known = records.read_progress(store, split, specs, n_blocks)
     done = records.blocks_done(known, n_blocks)
     # ranks start on a teacher batch boundary as well as a block's, so each batch holds the samples it
@@ -194,12 +233,12 @@ def _dump_split(store, teacher, data: SplitData, activations, codec, cfg: DumpCo
     # batches of 1 and 7 differ from batches of 32 by ~1e-6 here; cuDNN picks algorithms by shape).
     # Blocks and batches are powers of two by default, so the unit is one block or a few; any other batch
     # size deals blocks in larger units (lcm), i.e. fewer and less even shares
-    samples = max(1, cfg.batch_size // views)  # the loader's batch in _write_blocks
+    samples = job.batch_samples(data)
     mine = distributed.rank_blocks_aligned(n_blocks, dist.world_size, dist.rank, math.lcm(block, samples) // block)
     todo = [b for b in mine if b not in done]
     if todo:
         record = records.ProgressRecord(store, split, mine.start, mine.stop, known)
-        _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record, specs)
+        job.write_blocks(store, data, block, todo, record, specs)
     distributed.barrier(dist)  # every rank's share of the split is on disk
     if dist.is_main:
         known = records.read_progress(store, split, specs, n_blocks)
@@ -242,13 +281,10 @@ def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe,
                 for name, form in activations:
                     act = REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v))
                     if not cfg.allow_nonfinite:
-                        _check_finite(act.flatten(1), rows[done], f"activation {name}")
-                    _check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
+                        encodings.check_finite(act.flatten(1), rows[done], f"activation {name}")
+                    encodings.check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
                     batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
-                if not cfg.allow_nonfinite:
-                    _check_finite(logits.flatten(1), rows[done])
-                encoded = codec.encode(logits)
-                _check_stored("logits", logits.flatten(1), _decoded_rows(codec, encoded, b), cfg.dtype, rows[done])
+                encoded = encodings.encode_checked(codec, logits, rows[done], allow_nonfinite=cfg.allow_nonfinite)
                 batch.update({f"{split}/{k}": t for k, t in encoded.items()})
                 # copies are queued behind the teacher's kernels; the writer waits on the event
                 host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
@@ -275,39 +311,6 @@ def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device)
     return total
 
 
-def _check_finite(values: torch.Tensor, first_row: int, what: str = "output") -> None:
-    """`values` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
-    bad = ~torch.isfinite(values).all(dim=1)
-    if bad.any():
-        row = first_row + int(bad.nonzero()[0])
-        raise KDCacheError(f"teacher {what} for sample {row} is not finite (NaN or Inf); check the teacher weights "
-                           "and input, or pass --allow-nonfinite to keep such rows")
-
-
-def _decoded_rows(codec, encoded: dict, b: int) -> torch.Tensor:
-    """What a reader gets back from `encoded`, [B, V * ...] float32 (top-k: the values; sampled: their log q)."""
-    decoded = codec.decode(encoded)
-    if isinstance(decoded, encodings.Sampled):
-        return decoded.log_q.reshape(b, -1)
-    return (decoded.values if isinstance(decoded, encodings.TopK) else decoded).reshape(b, -1)
-
-
-def _check_stored(what: str, source: torch.Tensor, decoded: torch.Tensor | None, dtype: str, first_row: int) -> None:
-    """Stop where a finite teacher value [B, ...] would be stored as inf/NaN: float16 rounds values
-    above 65504 to inf (checked after the teacher's own finiteness, which --allow-nonfinite waives),
-    int8's per-row scale can overflow. Training on such a row gives NaN losses."""
-    finite = torch.isfinite(source).all(dim=1)
-    if decoded is not None:
-        lost = finite & ~torch.isfinite(decoded).all(dim=1)
-    else:
-        lost = encodings.overflowed(source, dtype)
-    if lost.any():
-        row = first_row + int(lost.nonzero()[0])
-        peak = float(source[lost][0].abs().max())
-        raise KDCacheError(f"teacher {what} for sample {row} reaches {peak:.4g}, which {dtype} stores as inf; "
-                           "dump with --dtype bfloat16 or float32 (same range as the teacher's float32)")
-
-
 def _probe(teacher, source, activations, device) -> dict:
     """Per-view shapes of the logits and each stored activation form, from sample 0's first view."""
     x = source[0][0][:1].to(device)
@@ -324,10 +327,10 @@ def _check_resumable(store, attrs: dict, splits) -> None:
     if old.get("schema_version") != stores.SCHEMA_VERSION:
         raise KDCacheError(f"cannot resume '{store.path}': it was started by another kdcache version (schema "
                            f"{old.get('schema_version')}, this one writes {stores.SCHEMA_VERSION}); pass --overwrite to start over")
-    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment"):
-        if old.get(key) != attrs[key]:
+    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment", "tokens"):
+        if old.get(key) != attrs.get(key):
             raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "
-                               f"({old.get(key)} vs {attrs[key]}); pass --overwrite to start over")
+                               f"({old.get(key)} vs {attrs.get(key)}); pass --overwrite to start over")
     for data in splits:
         if data.split in store.group_names():
             recorded = store.get_attrs(data.split).get("dataset", {}).get("fingerprint")

@@ -17,7 +17,7 @@ from kdcache import choices
 from kdcache.errors import KDCacheError
 
 __all__ = ["CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
-           "overflowed", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
+           "overflowed", "check_finite", "check_stored", "encode_checked", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # choices.DTYPES; int8: dense logits only, uint8: top-k values only
 TOPK_VALUE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
@@ -719,3 +719,51 @@ def _row_uniforms(rows: torch.Tensor, seed: int, n: int) -> torch.Tensor:
     draw = _mul32(torch.arange(1, n + 1, device=rows.device), 0x9E3779B9)  # Weyl sequence of the draw numbers
     u = _mix32((_mix32(key.unsqueeze(-1) ^ draw) + key.unsqueeze(-1)) & _M32)
     return (u.double() + 0.5) / 2.0**32
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's outputs checked before they are stored (dump-teacher, images and tokens alike)
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_checked(codec: LogitCodec, logits: torch.Tensor, first_row: int, *, allow_nonfinite: bool = False) -> dict:
+    """codec.encode(logits [B, ...]) after refusing NaN/inf teacher rows (unless allow_nonfinite), and
+    refusing finite rows that the stored dtype would turn into inf; `first_row`: the batch's first sample."""
+    if not allow_nonfinite:
+        check_finite(logits.flatten(1), first_row)
+    encoded = codec.encode(logits)
+    check_stored("logits", logits.flatten(1), _decoded_rows(codec, encoded, len(logits)), codec.dtype, first_row)
+    return encoded
+
+
+def check_finite(values: torch.Tensor, first_row: int, what: str = "output") -> None:
+    """`values` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
+    bad = ~torch.isfinite(values).all(dim=1)
+    if bad.any():
+        row = first_row + int(bad.nonzero()[0])
+        raise KDCacheError(f"teacher {what} for sample {row} is not finite (NaN or Inf); check the teacher weights "
+                           "and input, or pass --allow-nonfinite to keep such rows")
+
+
+def _decoded_rows(codec, encoded: dict, b: int) -> torch.Tensor:
+    """What a reader gets back from `encoded`, [B, V * ...] float32 (top-k: the values; sampled: their log q)."""
+    decoded = codec.decode(encoded)
+    if isinstance(decoded, Sampled):
+        return decoded.log_q.reshape(b, -1)
+    return (decoded.values if isinstance(decoded, TopK) else decoded).reshape(b, -1)
+
+
+def check_stored(what: str, source: torch.Tensor, decoded: torch.Tensor | None, dtype: str, first_row: int) -> None:
+    """Stop where a finite teacher value [B, ...] would be stored as inf/NaN: float16 rounds values
+    above 65504 to inf (checked after the teacher's own finiteness, which --allow-nonfinite waives),
+    int8's per-row scale can overflow. Training on such a row gives NaN losses."""
+    finite = torch.isfinite(source).all(dim=1)
+    if decoded is not None:
+        lost = finite & ~torch.isfinite(decoded).all(dim=1)
+    else:
+        lost = overflowed(source, dtype)
+    if lost.any():
+        row = first_row + int(lost.nonzero()[0])
+        peak = float(source[lost][0].abs().max())
+        raise KDCacheError(f"teacher {what} for sample {row} reaches {peak:.4g}, which {dtype} stores as inf; "
+                           "dump with --dtype bfloat16 or float32 (same range as the teacher's float32)")

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdcache import choices
 from kdcache.imports import user_callable
 from kdcache.modules import get_module, weights_sha256  # re-exported: models are addressed by module path
 from kdcache.errors import KDCacheError, closest
@@ -402,7 +403,7 @@ def _resolve_callable(spec: str) -> Callable:
 def check_model_name(name: str) -> None:
     """Raise create_model's error for a name it cannot build, without building a model (a pipeline
     checks every stage's names before its first stage runs)."""
-    if name in MODELS:
+    if name in MODELS or name in choices.LM_MODELS:  # LM sizes: kdcache/tokens/models.py
         return
     if _hub_name(name):
         from kdcache import hub

@@ -37,21 +37,26 @@ def plot_history(metrics: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_summary(rows: list[dict], path: str) -> None:
+IMAGE_PANELS = (("top1", "test top-1 (%)", "teacher_top1"),)
+
+
+def plot_summary(rows: list[dict], path: str, panels=IMAGE_PANELS) -> None:
+    """OUT/summary.png: each panel's metric (key, axis label, the teacher's key) against parameters."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for kind, style in (("kd", "o-"), ("online_kd", "s-"), ("baseline", "x--"), ("plain", "^-")):
-        pts = sorted((r["params"], r["top1"]) for r in rows if r["kind"] == kind)
-        if pts:
-            ax.plot(*zip(*pts), style, label={"kd": "KD from cache"}.get(kind, kind.replace("_", " ")))
-    teacher = next((r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None), None)
-    if teacher is not None:
-        ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher ({teacher:.1f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters")
-    ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (key, label, teacher_key) in zip(axes[0], panels):
+        for kind, style in (("kd", "o-"), ("online_kd", "s-"), ("baseline", "x--"), ("plain", "^-")):
+            pts = sorted((r["params"], r[key]) for r in rows if r["kind"] == kind)
+            if pts:
+                ax.plot(*zip(*pts), style, label={"kd": "KD from cache"}.get(kind, kind.replace("_", " ")))
+        teacher = next((r[teacher_key] for r in rows if r.get(teacher_key) is not None), None)
+        if teacher is not None:
+            ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher ({teacher:.1f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("student parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

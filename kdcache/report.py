@@ -52,15 +52,20 @@ def _teacher_top1(store, split: str, codec) -> float:
     logits, labels = store.array(f"{split}/logits"), reads.read("labels")
     if mixed:
         partner, lam = reads.read("mix_partner"), reads.read("mix_lambda")
-    rows, correct = reads.block_rows, 0
+    rows, correct, counted = reads.block_rows, 0, 0
     for b, start in enumerate(range(0, logits.shape[0], rows)):
         stored = {k: reads.read_block(k, b) for k in codec.arrays()}
         block = codec.predictions({k: from_storage(v, str(v.dtype)) for k, v in stored.items()}).numpy()  # [rows, V]
-        truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
+        if labels.ndim == 2:  # a token store: [rows, L] next tokens, -100 where a position has no target
+            truth = labels[start : start + rows]
+            counted += int((truth != -100).sum())
+        else:
+            truth = np.broadcast_to(labels[start : start + rows, None], block.shape)
+            counted += block.size
         if mixed:
             truth = np.where(lam[start : start + rows] >= 0.5, truth, labels[partner[start : start + rows]])
         correct += int((block == truth).sum())
-    return 100.0 * correct / max(logits.shape[0] * logits.shape[1], 1)
+    return 100.0 * correct / max(counted, 1)
 
 
 def format_report(r: dict) -> str:

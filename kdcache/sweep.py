@@ -28,11 +28,15 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
     Under `torchrun` every rank runs this and each student is trained with DDP across them.
     """
     cfg = cfg or resolve(TrainConfig, overrides=options, source="train_student()")
+    if _is_token_run(cfg):  # language-model students on token sequences: kdcache/tokens/train.py
+        from kdcache.tokens.train import train_lm_students
+
+        return train_lm_students(cfg, distributed.resolve_device(cfg.device))
     for name in cfg.students:
         create_model(name, num_classes=2)  # an unknown student fails before any data is read
     if cfg.loss not in KD_LOSSES:
-        raise KDCacheError(f"unknown --loss '{cfg.loss}'; choose one of {', '.join(KD_LOSSES)} "
-                           f"(closest: {closest(cfg.loss, KD_LOSSES)})")
+        raise KDCacheError(f"--loss {cfg.loss} is a token-level loss (language-model caches); image students train "
+                           f"with {', '.join(KD_LOSSES)} (closest: {closest(cfg.loss, KD_LOSSES)})")
     dist = distributed.Dist.from_env()
     if cfg.jobs > 1 and dist.world_size > 1:
         raise KDCacheError("--jobs trains several students side by side in one launch; under torchrun each student "
@@ -69,6 +73,17 @@ def train_student(cfg: TrainConfig | None = None, **options) -> list[dict]:
             if dist.is_main:
                 write_summary(cfg.out, rows)
         return rows
+
+
+def _is_token_run(cfg: TrainConfig) -> bool:
+    """A token cache, or no cache and a text dataset: the students are language models."""
+    from kdcache.tokens.text import is_text_dataset
+
+    if cfg.cache:
+        from kdcache.tokens.train import is_token_cache
+
+        return is_token_cache(cfg.cache)
+    return is_text_dataset(cfg.dataset)
 
 
 def plan_runs(cfg: TrainConfig, mode: str) -> tuple[list, dict]:

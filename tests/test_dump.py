@@ -104,10 +104,10 @@ def test_overwrite_replaces_a_store_only_once_the_new_one_is_whole(teacher_ckpt,
 
 
 def test_non_finite_teacher_output_stops_the_dump_naming_the_sample(tmp_path):
-    from kdcache.dump import _check_finite
+    from kdcache.encodings import check_finite
 
     with pytest.raises(KDCacheError, match="sample 7"):
-        _check_finite(torch.tensor([[0.0, 1.0]] * 3 + [[float("nan"), 0.0]]), first_row=4)
+        check_finite(torch.tensor([[0.0, 1.0]] * 3 + [[float("nan"), 0.0]]), first_row=4)
 
 
 def test_teacher_for_another_class_count_is_refused(tmp_path, teacher_ckpt):

@@ -232,7 +232,8 @@ def create_split(store: Store, split: str, specs: dict, labels, chunk_bytes: int
     for key, (shape, dt) in specs.items():
         store.create_array(f"{split}/{key}", shape=shape, dtype=dt, chunks=(chunks[key],) + shape[1:],
                            shards=(block,) + shape[1:])
-    store.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(block,))[:] = labels
+    labels = np.asarray(labels)  # [N] int64 classes, or [N, L] int32 next tokens (-100: no target) of a token store
+    store.create_array(f"{split}/labels", shape=labels.shape, dtype=str(labels.dtype), chunks=(block,) + labels.shape[1:])[:] = labels
     sums = [chunk_checksum(labels[i : i + block]) for i in range(0, n, block)]
     layout = {key: store.layout(f"{split}/{key}") for key in (*specs, "labels")}
     # the progress markers last: a split with block_rows has all its arrays
