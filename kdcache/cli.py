@@ -157,11 +157,12 @@ def inspect_cmd(store, as_json):
                                 "the store names runs only when given here).")
 @click.option("--augment", help="The views' module:callable transform, to replay them (a store's own code never runs).")
 @click.option("--data-root", type=click.Path(), help="Folder holding the dataset (default: the store's).")
-def verify_cmd(store, dataset, augment, data_root):
+@click.option("--tokenizer", help="A token store's tokenizer, to tokenize its text again (default: the one it records).")
+def verify_cmd(store, dataset, augment, data_root, tokenizer):
     """Check a store: complete, every row written, finite values. Exit 1 on any problem."""
     from kdcache.verify import verify_store
 
-    problems = verify_store(store, dataset=dataset, augment=augment, data_root=data_root)
+    problems = verify_store(store, dataset=dataset, augment=augment, data_root=data_root, tokenizer=tokenizer)
     for line in problems:
         click.echo(f"problem: {line}")
     click.echo(f"{store}: {'OK' if not problems else f'{len(problems)} problem(s)'}")

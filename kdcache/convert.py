@@ -45,6 +45,10 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
     activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 and
     uint8 logits keep float16 activations). `chunk_bytes` (default: SRC's dump setting) sizes DST's chunks.
     Whatever would need logits SRC never stored (top-k -> dense, or to a larger K) is refused.
+
+    A token store (root attr kind "tokens") converts the same way, its position axis where views
+    are, its tokens, labels and tokenizer records copied as stored; `sample` and `budget` are refused
+    (token students train from top-k or dense targets, and kdcache fidelity measures image stores).
     """
     src, dst = str(src).rstrip("/"), str(dst).rstrip("/")
     stores.backend_for(dst)  # an unknown suffix fails before any work
@@ -56,6 +60,8 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
         stores.check_complete(source)
         attrs = source.get_attrs()
         old = LogitCodec.from_attrs(attrs)
+        if attrs.get("kind") == "tokens":
+            _check_token_options(src, sample=sample, budget=budget)
         fidelity = None
         if budget is not None:
             chosen = {"--dtype": dtype, "--topk": topk, "--topk-indices": indices, "--sample": sample}
@@ -75,6 +81,15 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
             chunk_bytes = chunk_bytes or (attrs.get("config") or {}).get("chunk_bytes") or stores.CHUNK_BYTES
             _convert(source, src, attrs, old, new, dst, action, chunk_bytes, fidelity)
     return dst
+
+
+def _check_token_options(src: str, *, sample, budget) -> None:
+    if sample is not None:
+        raise KDCacheError(f"--sample applies to image caches, and '{src}' is a token cache: language-model students "
+                           "train from top-k or dense next-token targets; drop --sample (--topk K keeps the K likeliest)")
+    if budget is not None:
+        raise KDCacheError(f"--budget measures encodings with kdcache fidelity, which reads image caches only, and "
+                           f"'{src}' is a token cache; choose the encoding yourself, e.g. --topk 32 --dtype float16")
 
 
 def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperature: float,
@@ -206,7 +221,7 @@ def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype
 
 def _prepare_split(source, out, split: str, specs: dict, chunk_bytes: int) -> None:
     """DST's arrays, labels and attrs of a split, blocks planned for DST's row sizes."""
-    labels = np.asarray(source.read(f"{split}/labels"))  # [N] int64: 8 bytes a sample, fine in memory
+    labels = np.asarray(source.read(f"{split}/labels"))  # [N] int64, or [N, L] int32 of a token store
     kept = {k: v for k, v in source.get_attrs(split).items() if k not in _WRITTEN_ATTRS}
     stores.create_split(out, split, specs, labels, chunk_bytes, kept)
 
@@ -307,5 +322,6 @@ def _check_resumable(out, root_attrs: dict) -> None:
 
 def _check_free_space(dst: str, source, splits: dict) -> None:
     need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for specs in splits.values() for shape, dt in specs.values())
-    need += sum(8 * source.array(f"{split}/labels").shape[0] for split in splits)
+    labels = [source.array(f"{split}/labels") for split in splits]
+    need += sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in labels)
     stores.check_room(dst, need, "choose another DST, or convert to --topk K or --dtype int8 logits")

@@ -1,4 +1,5 @@
-"""What is in a store, for `kdcache inspect`: splits, arrays, bytes, teacher, dataset, quality."""
+"""What is in a store, for `kdcache inspect`: splits, arrays, bytes, teacher, dataset, quality; of a
+token store also its tokenizer, sequences and bytes per token."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,6 +22,9 @@ def describe_store(path: str) -> dict:
             "sample_temperature": attrs.get("sample_temperature"), "fidelity": attrs.get("fidelity"),
             "converted_from": attrs.get("converted_from"), "autocast": attrs.get("autocast"),
         }
+        tokens = attrs.get("kind") == "tokens"
+        if tokens:
+            report.update(kind="tokens", tokens=attrs.get("tokens"))
         for split in store.group_names():
             split_attrs = store.get_attrs(split)
             arrays = {}
@@ -38,8 +42,25 @@ def describe_store(path: str) -> dict:
                      "stored_bytes": sum(a["stored_bytes"] for a in arrays.values())}
             if entry["complete"] and store.has_array(f"{split}/logits"):
                 entry["teacher_top1"] = _teacher_top1(store, split, LogitCodec.from_attrs(attrs))
+            if tokens:
+                entry.update(_token_counts(store, split, entry))
             report["splits"][split] = entry
     return report
+
+
+def _token_counts(store, split: str, entry: dict) -> dict:
+    """A token split's sequences, positions and target positions (those with a next token to
+    predict), and its bytes on disk per target position (per token) and per position."""
+    d = entry["dataset"] or {}
+    n, length = store.array(f"{split}/labels").shape[:2]
+    targets = d.get("targets")
+    if targets is None:  # not recorded: counted from the labels (-100: no target)
+        targets = int((np.asarray(store.read(f"{split}/labels")) != -100).sum())
+    positions = n * length
+    return {"sequences": n, "seq_len": length, "positions": positions, "target_positions": targets,
+            "stored_bytes_per_token": entry["stored_bytes"] / max(targets, 1),
+            "stored_bytes_per_position": entry["stored_bytes"] / max(positions, 1),
+            "bytes_per_position": entry["bytes_per_sample"] / max(length, 1)}
 
 
 def _teacher_top1(store, split: str, codec) -> float:
@@ -69,20 +90,17 @@ def _teacher_top1(store, split: str, codec) -> float:
 
 
 def format_report(r: dict) -> str:
+    if r.get("kind") == "tokens":
+        return _format_tokens(r)
     t = r.get("teacher") or {}
     lines = [
-        f"store      {r['path']}  ({'complete' if r['complete'] else 'INCOMPLETE'}, schema {r['schema_version']}, "
-        f"kdcache {r['kdcache_version']}, created {r['created']})",
+        _store_line(r),
         f"teacher    {t.get('arch')}  {t.get('num_classes')} classes  weights sha256 {str(t.get('weights_sha256'))[:16]}",
         f"encoding   {r['dtype']}, views {r['views']}, topk {r['topk'] or '-'}"
         + (f", sampled {r['sample']} draws at T {r['sample_temperature']:g}" if r.get("sample") else "")
         + (f" ({r['encoding']})" if r.get("encoding") else ""),
     ]
-    c = r.get("converted_from")
-    while c:  # the whole chain, newest first
-        lines.append(f"converted  from {c.get('path')} ({c.get('dtype')}, topk {c.get('topk') or '-'}, "
-                     f"kdcache {c.get('kdcache_version')}, created {c.get('created')})")
-        c = c.get("converted_from")
+    lines += _converted_lines(r)
     lines += _fidelity_lines(r.get("fidelity"))
     a = r.get("augment")
     if a:
@@ -98,14 +116,63 @@ def format_report(r: dict) -> str:
                      f"fingerprint {str(d.get('fingerprint'))[:12]}{top1}{'' if s['complete'] else ', INCOMPLETE'}")
         if s.get("view_transform"):
             lines.append(f"  views of {s['view_transform']}")
-        for name, a in s["arrays"].items():
-            form = f" [{a['form']}]" if a.get("form") else ""
-            lines.append(f"  {name:<28} {str(tuple(a['shape'])):<20} {a['dtype']:<8} "
-                         f"{a['bytes_per_sample']:>8,} B/sample  {a['stored_bytes']:>12,} B on disk{form}")
+        lines += _array_lines(s, "sample")
         if views > 1:  # what a view costs: the figure to weigh K against
             lines.append(f"  {'total':<28} {'':<20} {'':<8} {s['bytes_per_sample']:>8,} B/sample  "
                          f"{s['stored_bytes']:>12,} B on disk, {s['bytes_per_sample'] / views:,.0f} B/view")
     return "\n".join(lines)
+
+
+def _format_tokens(r: dict) -> str:
+    """format_report of a token store: sequences of L tokens, the tokenizer, bytes per token."""
+    t, k = r.get("teacher") or {}, r.get("tokens") or {}
+    tok = k.get("tokenizer") or {}
+    lines = [
+        _store_line(r),
+        f"teacher    {t.get('arch')}  vocabulary {t.get('num_classes')}, context {t.get('context')}  "
+        f"weights sha256 {str(t.get('weights_sha256'))[:16]}",
+        f"encoding   {r['dtype']}, topk {r['topk'] or '-'} of the next-token logits" + (f" ({r['encoding']})" if r.get("encoding") else ""),
+        f"tokens     sequences of {k.get('seq_len')} tokens, packing {k.get('packing')}; tokenizer vocabulary "
+        f"{tok.get('vocab_size')}, sha256 {str(tok.get('sha256'))[:12]}, eos {tok.get('eos_id')}, pad {tok.get('pad_id')}, "
+        f"from {tok.get('source')}",
+        *_converted_lines(r),
+    ]
+    for split, s in r["splits"].items():
+        d = s.get("dataset") or {}
+        top1 = f", teacher next-token top-1 {s['teacher_top1']:.2f}%" if "teacher_top1" in s else ""
+        lines.append(f"split {split}: {d.get('name')} {s['sequences']:,} sequences of {s['seq_len']} tokens, "
+                     f"{s['target_positions']:,} target positions, fingerprint {str(d.get('fingerprint'))[:12]}{top1}"
+                     f"{'' if s['complete'] else ', INCOMPLETE'}")
+        lines += _array_lines(s, "sequence")
+        lines.append(f"  {'total':<28} {'':<20} {'':<8} {s['bytes_per_sample']:>8,} B/sequence  {s['stored_bytes']:>12,} "
+                     f"B on disk: {s['stored_bytes_per_token']:,.1f} B/token (per target position), "
+                     f"{s['stored_bytes_per_position']:,.1f} B/position")
+    return "\n".join(lines)
+
+
+def _store_line(r: dict) -> str:
+    return (f"store      {r['path']}  ({'complete' if r['complete'] else 'INCOMPLETE'}, schema {r['schema_version']}, "
+            f"kdcache {r['kdcache_version']}, created {r['created']})")
+
+
+def _converted_lines(r: dict) -> list[str]:
+    """The store's convert history, newest first."""
+    lines, c = [], r.get("converted_from")
+    while c:
+        lines.append(f"converted  from {c.get('path')} ({c.get('dtype')}, topk {c.get('topk') or '-'}, "
+                     f"kdcache {c.get('kdcache_version')}, created {c.get('created')})")
+        c = c.get("converted_from")
+    return lines
+
+
+def _array_lines(s: dict, unit: str) -> list[str]:
+    """One line per array of split entry `s`: shape, dtype, bytes per `unit` (a sample, a sequence), bytes on disk."""
+    lines = []
+    for name, a in s["arrays"].items():
+        form = f" [{a['form']}]" if a.get("form") else ""
+        lines.append(f"  {name:<28} {str(tuple(a['shape'])):<20} {a['dtype']:<8} "
+                     f"{a['bytes_per_sample']:>8,} B/{unit}  {a['stored_bytes']:>12,} B on disk{form}")
+    return lines
 
 
 def _fidelity_lines(f: dict | None) -> list[str]:
