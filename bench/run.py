@@ -55,10 +55,13 @@ Sections beyond the speed targets, each in its own module:
 10. bench/compact_bytes.py: bytes per sample at 1,000 classes of float16, int8, top-32, top-8, top-k
    with packed indices and uint8 values, and sampled targets, beside kdcache fidelity's KL / TV / top-1
    agreement and what convert --budget picks (top-32 packed uint8 <= 100 B).
+11. bench/tokens.py: token caches (a pydoc LM teacher trained here): token dump / the teacher's forward (>= 0.95),
+   LM training from the cache / plain LM training (>= 0.97), bytes per token at 2,048 and 152,064 tokens, and a
+   student's perplexity from top-32 against dense float32 targets (within 2%). --skip-tokens.
 Synthetic stores (3, 5, 6, 7, 9, 10) come from bench/synthetic.py: logits with class structure, written
 as `dump-teacher` writes them. Every section prints its wall time.
 
-Run: `.venv/bin/python bench/run.py` (`make bench`, ~12 minutes on 2 idle CPU cores); `--rounds N`
+Run: `.venv/bin/python bench/run.py` (`make bench`, ~16 minutes on 2 idle CPU cores); `--rounds N`
 for more rounds, `--keep` to keep the stores, `--quick` to check that every section runs (small
 sizes, numbers meaningless). Device: cuda when there is one (as `--device auto`), else cpu.
 """
@@ -84,6 +87,7 @@ import encoding_costs  # noqa: E402
 import quality  # noqa: E402
 import scale  # noqa: E402
 import stream  # noqa: E402
+import tokens  # noqa: E402
 from synthetic import LogitBank, write_logit_stores  # noqa: E402
 from timing import Figure, alternate, best, paired, sync, timed  # noqa: E402
 
@@ -111,14 +115,15 @@ STUDENT = "cnn_tiny"  # ~10 ms per 64-sample train step: the smallest student, w
 # 2-core machine a second intra-op thread stalls for a scheduler slice (~8 ms a kernel, measured)
 # whenever any other process runs, which turns a 10 ms step into 100-500 ms at random.
 SIZES = {
-    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9, 5: 3, 6: 4, 9: 7}, threads=1),
-    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5, 5: 3, 6: 5, 9: 7},
+    "cpu": dict(dataset="benchdata:cifar100_like", epochs=2, rounds={1: 14, 2: 15, 3: 3, 4: 9, 5: 3, 6: 4, 9: 7, 11: 7}, threads=1),
+    "cuda": dict(dataset="benchdata:cifar100_like_large", epochs=2, rounds={1: 5, 2: 7, 3: 5, 4: 5, 5: 3, 6: 5, 9: 7, 11: 5},
                  threads=None),
 }
 # --quick: sizes per section (keyword arguments of its function) that only check that it runs
 QUICK_ROWS = {3: dict(rows=20_000), 5: dict(rows=4096), "5c": dict(rows=4096), 6: dict(rows=12_000),
               7: dict(rows=50_000), 9: dict(rows=4096), 10: dict(rows=2048, fidelity_rows=256),
-              8: dict(seeds=(0,), dataset="digit-pairs:size=2000,test_size=400", teacher_epochs=1, student_epochs=1)}
+              8: dict(seeds=(0,), dataset="digit-pairs:size=2000,test_size=400", teacher_epochs=1, student_epochs=1),
+              11: tokens.QUICK}
 READ_ROWS, READ_CLASSES, READ_BATCH = 200_000, 1000, 256  # figure 3's stores: 400 MB of float16 logits
 READ_CODECS = {  # figure 3's tables: dense float16 (3), int8 with per-row scale and offset (3c), top-32 (3d)
     "float16": LogitCodec("float16", None, READ_CLASSES),
@@ -395,11 +400,11 @@ def bench_online(dataset, cache_path: str, ckpt: str, device, epochs: int, round
 # --- the run -------------------------------------------------------------------------------------
 
 def print_table(figures: list[Figure]) -> None:
-    print(f"{'':<3}{'figure':<52}{'median':>13}{'best':>13}  {'target':<24}result")
+    print(f"{'':<4}{'figure':<52}{'median':>13}{'best':>13}  {'target':<24}result")
     for f in figures:
-        print(f"{f.key:<3}{f.what:<52}{f.shown('median'):>13}{f.shown('best'):>13}  {f.target_shown:<24}{f.verdict}")
+        print(f"{f.key:<4}{f.what:<52}{f.shown('median'):>13}{f.shown('best'):>13}  {f.target_shown:<24}{f.verdict}")
         if f.note:
-            print(f"{'':<6}{f.note}")
+            print(f"{'':<7}{f.note}")
 
 
 def section(number: int, title: str, run):
@@ -412,7 +417,7 @@ def section(number: int, title: str, run):
     return result
 
 
-SECTIONS = 10
+SECTIONS = 11
 SECTION_SECONDS: dict = {}
 
 
@@ -425,6 +430,8 @@ def main(argv=None) -> int:
                         help="torch.set_num_threads; default 1 on CPU (see SIZES), torch's own on CUDA; 0: torch's own")
     parser.add_argument("--skip-scale", action="store_true", help="skip section 7, the 1.28M-sample stores (~3 min)")
     parser.add_argument("--skip-quality", action="store_true", help="skip section 8, KD quality on digit-pairs (~5 min)")
+    parser.add_argument("--skip-tokens", action="store_true",
+                        help="skip section 11, token caches (a pydoc LM teacher trained here, ~4 min)")
     parser.add_argument("--kd-temperature", type=float, default=None,
                         help="section 8's KD temperature (default: train-student's, 4); top-k targets depend on it")
     parser.add_argument("--quick", action="store_true",
@@ -519,6 +526,15 @@ def main(argv=None) -> int:
         figures += compact_figures
         tables.append((f"10. compact encodings at 1,000 classes (bench/compact_bytes.py), section time "
                        f"{SECTION_SECONDS[10]:.0f} s", compact_lines))
+
+        if args.skip_tokens:
+            print(f"[11/{SECTIONS}] token caches: skipped (--skip-tokens)", flush=True)
+        else:
+            token_figures, token_lines = section(11, f"token caches, {rounds[11]} rounds",
+                                                 lambda: tokens.bench_tokens(work, device, rounds[11],
+                                                                             **rows.get(11, {})))
+            figures += token_figures
+            tables.append((f"11. token caches (bench/tokens.py), section time {SECTION_SECONDS[11]:.0f} s", token_lines))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
