@@ -1,11 +1,11 @@
-# kdcache: make install | demo | test | bench | lint
+# kdcache: make install | demo | demo-lm | test | bench | lint
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision pinned together: these two builds work with each other (see README)
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo demo-lm test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	rm -rf runs/digits
 	$(BIN)/kdcache run pipelines/digits.yaml
+
+demo-lm: install
+	rm -rf runs/pydoc-lm
+	$(BIN)/kdcache run pipelines/pydoc-lm.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

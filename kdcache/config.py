@@ -42,8 +42,9 @@ class Common:
     """Options that mean the same for every stage: declared once, inherited by each stage's config."""
 
     dataset: str = option("digits", "digits, digit-pairs, fake[:size=N,classes=C,image=S], cifar10, cifar100, mnist, "
-                          "fashionmnist, svhn, imagefolder:PATH[,image=S] or module:callable; training checks it "
-                          "against the cache's fingerprint", group="data")
+                          "fashionmnist, svhn, imagefolder:PATH[,image=S] or module:callable; text for language models: pydoc, "
+                          "text:FILE_OR_GLOB, jsonl:FILE[:FIELD], hfds:PATH; training checks it against the cache's "
+                          "fingerprint", group="data")
     data_root: str | None = option(None, "folder holding a torchvision dataset (nothing is ever downloaded)", group="data")
     weights: str | None = option(None, "state dict or model.pt for a --teacher given by name (the way a "
                                  "module:callable teacher loads)", group="teacher")

@@ -121,7 +121,7 @@ class TokenDump:
                              num_workers=self.cfg.num_workers, pin_memory=cuda)
 
         def batches():
-            with Progress(n, f"dump {split}", initial=n - len(rows)) as bar, torch.inference_mode():
+            with Progress(n, f"dump {split}", unit="sequences", initial=n - len(rows)) as bar, torch.inference_mode():
                 done = 0
                 for tokens, _ in loader:
                     b = len(tokens)

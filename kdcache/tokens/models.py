@@ -31,7 +31,7 @@ META = "kdcache.json"  # beside a saved model: how kdcache made it (plain data, 
 
 
 def _transformers():
-    transformers = require("transformers", "hf", "a language model")
+    transformers = require("transformers", "lm", "a language model")
     transformers.utils.logging.disable_progress_bar()  # kdcache's own progress lines say how far a run is
     return transformers
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.errors import KDCacheError
+from kdcache.imports import require
 
 TEXT_PREFIXES = ("text:", "jsonl:", "hfds:")
 BUILTIN_CORPORA = ("pydoc",)
@@ -186,11 +187,7 @@ def _document(row: dict, fields: tuple[str, ...], where: str) -> Document:
 
 def _hf_dataset(path: str, fields: tuple[str, ...]) -> list[Document]:
     """A `datasets` dataset from local files: a save_to_disk folder, or data files read by their builder."""
-    try:
-        import datasets  # deferred: ~1 s to import, and only hfds: needs it
-    except ImportError as e:
-        raise KDCacheError(f"hfds: datasets need the Hugging Face datasets library ({e}); "
-                           "pip install datasets") from None
+    datasets = require("datasets", "lm", "an hfds: dataset")  # deferred: ~1 s to import, and only hfds: needs it
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)
@@ -306,7 +303,9 @@ def _train_bpe(spec: str, corpus: str | None, root: str | None) -> Tokenizer:
     if corpus is None:
         raise KDCacheError(f"tokenizer '{spec}' is trained here and needs a corpus: pass the dataset to train it "
                            "on (its train split is used)")
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    tokenizers = require("tokenizers", "lm", "a bpe: tokenizer")
+    Backend, decoders, models, pre_tokenizers, trainers = (tokenizers.Tokenizer, tokenizers.decoders, tokenizers.models,
+                                                           tokenizers.pre_tokenizers, tokenizers.trainers)
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # any text encodes: no unknown token
@@ -320,7 +319,7 @@ def _train_bpe(spec: str, corpus: str | None, root: str | None) -> Tokenizer:
 
 
 def _from_file(path: str) -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
+    Backend = require("tokenizers", "lm", "a tokenizer.json").Tokenizer
 
     try:
         backend = Backend.from_file(path)

@@ -183,7 +183,7 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
-            with Progress(steps_per_epoch, f"{name} epoch {epoch}/{cfg.epochs}") as bar:
+            with Progress(n, f"{name} epoch {epoch}/{cfg.epochs}", unit="sequences") as bar:
                 for rows in torch.randperm(n, generator=order).split(cfg.batch_size):
                     x, y, teacher = setup.train.batch(rows)
                     x, y = x.to(device), y.to(device)
@@ -202,7 +202,7 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
                         sums[k] += float(parts[k].detach()) if k in parts else 0.0
                     step += 1
                     tokens_seen += int(mask.sum())
-                    bar.update(1)
+                    bar.update(len(rows), loss=loss)
             m = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
                  **evaluate_lm(model, setup.test, device, cfg.batch_size)}
             m["seconds"] = round(time.perf_counter() - started, 2)
