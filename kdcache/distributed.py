@@ -285,3 +285,19 @@ def rank_blocks_aligned(n_blocks: int, world_size: int, rank: int, unit: int) ->
     assert unit >= 1, unit
     groups = rank_blocks(-(-n_blocks // unit), world_size, rank)
     return range(min(groups.start * unit, n_blocks), min(groups.stop * unit, n_blocks))
+
+
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The CUDA autocast dtype of the teacher's forward (cfg: a DumpConfig), or None for full precision.
+
+    Default (--amp unset): autocast only when the store rounds anyway, so a float32 store holds
+    float32-accurate logits ("an fp32 cache equals online KD" also on a GPU); bfloat16 stores get
+    bfloat16 autocast (float16's range is narrower: logits above 65504 would overflow). On the CPU
+    the teacher always runs in float32.
+    """
+    if device.type != "cuda":
+        return None
+    amp = cfg.amp if cfg.amp is not None else cfg.dtype != "float32"
+    if not amp:
+        return None
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16

@@ -17,6 +17,7 @@ import torch
 from kdcache import augment, distributed, encodings
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
+from kdcache.distributed import autocast_dtype  # where the device's precision is chosen; named here too
 from kdcache.data import SplitData, load_split, loader as data_loader
 from kdcache.errors import KDCacheError
 from kdcache.hooks import REDUCTIONS, capture, parse_activation
@@ -171,22 +172,6 @@ class ImageDump:
         views, recipe, _ = _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg, self.device)
         _write_blocks(store, self.teacher, data, self.activations, self.codec, self.cfg, self.device, recipe, views,
                       block, todo, record, keys)
-
-
-def autocast_dtype(cfg: DumpConfig, device: torch.device) -> torch.dtype | None:
-    """The CUDA autocast dtype of the teacher's forward, or None for full precision.
-
-    Default (--amp unset): autocast only when the store rounds anyway, so a float32 store holds
-    float32-accurate logits ("an fp32 cache equals online KD" also on a GPU); bfloat16 stores get
-    bfloat16 autocast (float16's range is narrower: logits above 65504 would overflow). On the CPU
-    the teacher always runs in float32.
-    """
-    if device.type != "cuda":
-        return None
-    amp = cfg.amp if cfg.amp is not None else cfg.dtype != "float32"
-    if not amp:
-        return None
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:

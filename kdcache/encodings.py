@@ -464,14 +464,13 @@ class LogitCodec:
         assert logits.shape[-1] == self.num_classes, (tuple(logits.shape), self.num_classes)
         x = logits.float()
         if self.sample is not None:
-            _refuse(x, torch.isnan(x) | (x == math.inf), f"sampled ({self.sample} draws)")
+            _refuse_nan_or_inf(x, f"sampled ({self.sample} draws)")
             return self._encode_sampled(x)
         if self.topk is not None:
-            _refuse(x, torch.isnan(x) | (x == math.inf), f"top-{self.topk} logits")
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)
+            _refuse_nan_or_inf(x, f"top-{self.topk} logits")
             values, indices = x.topk(self.topk, dim=-1, sorted=True)
-            # the tail's log-mass from the unrounded row: logsumexp of every class not kept
-            log_tail = torch.logsumexp(x.scatter(-1, indices, -math.inf), dim=-1) - lse.squeeze(-1)
+            lse, log_tail = _lse_and_log_tail(x, values, indices)
+            lse = lse.unsqueeze(-1)
             return {**self._topk_values(values, values - lse), "topk_indices": self._store_indices(indices),
                     "logsumexp": lse.squeeze(-1), "log_tail": log_tail}
         if self.dtype == "int8":
@@ -618,6 +617,40 @@ def activation_dtype(dtype: str) -> str:
     return "float16" if dtype in ("int8", "uint8") else dtype
 
 
+TAIL_EXACT_BELOW = 1e-30  # a tail this far below the top class is summed again, shifted by its own largest logit
+
+
+def _lse_and_log_tail(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row's logsumexp [...] and the log-mass of the classes not in `indices` [...] (-inf when
+    all are kept), from the unrounded logits x [..., C] with their top values [..., K] (sorted).
+
+    One exp pass serves both: e = exp(x - top), lse = top + log(sum e), tail = sum of e outside the
+    top K (the kept entries zeroed, never subtracted, so nothing cancels). Where the tail is below
+    TAIL_EXACT_BELOW of the top class, float32's exp may have lost it to underflow: those rows are
+    summed again shifted by the tail's own largest logit, as logsumexp would, so the tail stays exact.
+    """
+    top = values[..., :1]
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of -inf: no NaN from -inf - -inf
+    e = torch.exp(x - top)
+    total = e.sum(-1)
+    lse = top.squeeze(-1) + torch.log(total)
+    if indices.shape[-1] == x.shape[-1]:
+        return lse, torch.full_like(lse, -math.inf)
+    tail = e.scatter_(-1, indices, 0.0).sum(-1)
+    log_tail = torch.log(tail) - torch.log(total)
+    small = tail < TAIL_EXACT_BELOW
+    if bool(small.any()):
+        rows = x[small].scatter(-1, indices[small], -math.inf)
+        log_tail[small] = torch.logsumexp(rows, dim=-1) - lse[small]
+    return lse, log_tail
+
+
+def _refuse_nan_or_inf(x: torch.Tensor, what: str) -> None:
+    """_refuse NaN and +inf (-inf is a class ruled out); one sum over the batch when there are none."""
+    if not bool(torch.isfinite(x.sum())):  # a NaN or an inf anywhere makes the sum non-finite
+        _refuse(x, torch.isnan(x) | (x == math.inf), what)
+
+
 def _refuse(x: torch.Tensor, bad: torch.Tensor, what: str) -> None:
     if bad.any():
         row = int(bad.flatten(0, -2).any(dim=-1).nonzero()[0]) if x.dim() > 1 else 0
@@ -736,9 +769,19 @@ def encode_checked(codec: LogitCodec, logits: torch.Tensor, first_row: int, *, a
     return encoded
 
 
+def finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """[B] bool, True where row b of values [B, ...] holds no NaN or inf: one sum per row, and the exact
+    test only for rows whose sum is not finite (a NaN or inf in them, or finite values summing past
+    float32's range)."""
+    ok = torch.isfinite(values.sum(dim=1))
+    if not bool(ok.all()):
+        ok = ok | torch.isfinite(values).all(dim=1)
+    return ok
+
+
 def check_finite(values: torch.Tensor, first_row: int, what: str = "output") -> None:
     """`values` [B, ...]: stop at the first sample with a NaN or Inf anywhere in its row."""
-    bad = ~torch.isfinite(values).all(dim=1)
+    bad = ~finite_rows(values)
     if bad.any():
         row = first_row + int(bad.nonzero()[0])
         raise KDCacheError(f"teacher {what} for sample {row} is not finite (NaN or Inf); check the teacher weights "
@@ -757,7 +800,7 @@ def check_stored(what: str, source: torch.Tensor, decoded: torch.Tensor | None, 
     """Stop where a finite teacher value [B, ...] would be stored as inf/NaN: float16 rounds values
     above 65504 to inf (checked after the teacher's own finiteness, which --allow-nonfinite waives),
     int8's per-row scale can overflow. Training on such a row gives NaN losses."""
-    finite = torch.isfinite(source).all(dim=1)
+    finite = finite_rows(source)
     if decoded is not None:
         lost = finite & ~torch.isfinite(decoded).all(dim=1)
     else:

@@ -561,9 +561,9 @@ def _topk_bins(student_logits, teacher, T):
     log_ps = F.log_softmax(student_logits / T, dim=1)
     log_ps_bins = log_ps.gather(1, teacher.indices)
     if teacher.k < teacher.num_classes:
-        in_top = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(1, teacher.indices, True)
-        # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student
-        log_ps_tail = torch.logsumexp(log_ps.masked_fill(in_top, float("-inf")), dim=1, keepdim=True)
+        # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student;
+        # the kept classes set to -inf in one copy (no gradient reaches them through the bucket)
+        log_ps_tail = torch.logsumexp(log_ps.scatter(1, teacher.indices, float("-inf")), dim=1, keepdim=True)
         log_ps_bins = torch.cat([log_ps_bins, log_ps_tail], dim=1)
     return topk_teacher_bins(teacher, T).to(student_logits.dtype), log_ps_bins
 

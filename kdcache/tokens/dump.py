@@ -23,6 +23,7 @@ from kdcache import encodings
 from kdcache import store as stores
 from kdcache.config import DumpConfig
 from kdcache.data import loader as data_loader
+from kdcache.distributed import autocast_dtype
 from kdcache.errors import KDCacheError
 from kdcache.progress import Progress
 from kdcache.store import writer
@@ -121,7 +122,9 @@ class TokenDump:
                              num_workers=self.cfg.num_workers, pin_memory=cuda)
 
         def batches():
-            with Progress(n, f"dump {split}", unit="sequences", initial=n - len(rows)) as bar, torch.inference_mode():
+            amp = autocast_dtype(self.cfg, self.device)  # as the image dump: only on CUDA, only when the store rounds
+            with (Progress(n, f"dump {split}", unit="sequences", initial=n - len(rows)) as bar, torch.inference_mode(),
+                  torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None)):
                 done = 0
                 for tokens, _ in loader:
                     b = len(tokens)

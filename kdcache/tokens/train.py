@@ -237,15 +237,18 @@ def _cache_tokenizer(setup: TokenSetup):
 
 def objective(out, y, mask, teacher, alpha: float, cfg: TrainConfig) -> dict:
     """(1 - alpha) * CE on the next tokens + alpha * token_kd, both over the positions with a target."""
-    task = F.cross_entropy(out[mask], y[mask]) if bool(mask.any()) else out.sum() * 0.0
+    s = out[mask]  # [M, V]: the positions with a target, selected once for both terms
+    task = F.cross_entropy(s, y[mask]) if len(s) else out.sum() * 0.0
     if teacher is None:
         return {"loss": task, "task_loss": task}
+    mask = mask.to(teacher.values.device if isinstance(teacher, TopK) else teacher.device)
     if isinstance(teacher, TopK):
-        teacher = teacher.to(out.device)
+        teacher = TopK(teacher.values[mask], teacher.indices[mask], teacher.logsumexp[mask], teacher.log_tail[mask],
+                       teacher.num_classes).to(out.device)
     else:
-        teacher = teacher.to(out.device, torch.float32)
+        teacher = teacher[mask].to(out.device, torch.float32)
     try:
-        kd = losses.token_kd(out, teacher, loss=cfg.loss, T=cfg.temperature, beta=cfg.jsd_beta, mask=mask)
+        kd = losses.token_kd(s, teacher, loss=cfg.loss, T=cfg.temperature, beta=cfg.jsd_beta)
     except ValueError as e:
         raise KDCacheError(f"--loss {cfg.loss}: {e}") from None
     return {"loss": torch.lerp(task, kd, alpha), "task_loss": task, "kd_loss": kd}
