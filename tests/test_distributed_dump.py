@@ -92,7 +92,8 @@ def test_two_process_dump_killed_part_way_resumes_with_one_process(teacher_ckpt,
 
 def test_one_process_dump_killed_part_way_resumes_with_two_processes(teacher_ckpt, config, single, tmp_path):
     out = str(tmp_path / "c.zarr")
-    run = kdcache(dump_args(teacher_ckpt, out, config), env={"KDCACHE_TEST_KILL_AT": "300"})
+    run = kdcache(dump_args(teacher_ckpt, out, config),
+                  env={"KDCACHE_TEST_KILL_AT": "300", "KDCACHE_TEST_KILL_WHEN_WRITTEN": out + ".partial"})
     assert run.returncode == -9, run.stderr[-3000:]
     with stores.open_store(out + ".partial") as s:
         assert 0 < rows_written(s, "train") <= 300  # both ranks have blocks left to write
