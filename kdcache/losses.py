@@ -554,18 +554,41 @@ def soft_target_topk(student_logits, teacher, T=4.0, reconstruction="sparse"):
     return T * T * _kl_rows(log_pt_bins, log_ps_bins).mean()
 
 
-def _topk_bins(student_logits, teacher, T):
+def _tempered(s, T, normalized=False):
+    """log_softmax(s / T); s itself when it is already log-probabilities at T = 1."""
+    return s if normalized and T == 1 else F.log_softmax(s / T, dim=1)
+
+
+def _topk_bins(student_logits, teacher, T, normalized=False):
     """(teacher, student) log-probabilities over the same bins, each [B, K + 1] ([B, K] at K == C):
     topk_teacher_bins, and log softmax(s / T) at the K classes plus the logsumexp of the others.
     student_logits [B, C]; teacher a TopK of B rows over the same C classes."""
-    log_ps = F.log_softmax(student_logits / T, dim=1)
+    log_ps = _tempered(student_logits, T, normalized)
     log_ps_bins = log_ps.gather(1, teacher.indices)
     if teacher.k < teacher.num_classes:
-        # the tail bucket as a logsumexp, not log(1 - sum p_k), which cancels for a confident student;
-        # the kept classes set to -inf in one copy (no gradient reaches them through the bucket)
-        log_ps_tail = torch.logsumexp(log_ps.scatter(1, teacher.indices, float("-inf")), dim=1, keepdim=True)
-        log_ps_bins = torch.cat([log_ps_bins, log_ps_tail], dim=1)
+        log_ps_bins = torch.cat([log_ps_bins, _student_tail(log_ps, log_ps_bins, teacher.indices)], dim=1)
     return topk_teacher_bins(teacher, T).to(student_logits.dtype), log_ps_bins
+
+
+STUDENT_TAIL_EXACT_BELOW = 1e-2  # a student tail this small is summed class by class (see _student_tail)
+
+
+def _student_tail(log_ps, log_ps_top, indices):
+    """log of the student's mass outside the K kept classes, [B, 1], from its log-probabilities [B, C].
+
+    log(1 - sum_k p_k) costs K exps per row instead of a pass over all C classes (at a 2k or 150k
+    vocabulary that pass is most of what KD adds to a step), but it cancels as the tail shrinks:
+    float32 sums the K probabilities to ~1e-7, so a tail below STUDENT_TAIL_EXACT_BELOW would lose
+    more than 1e-5 of itself. Those rows are summed over their other classes (a logsumexp), exactly.
+    """
+    top_mass = log_ps_top.exp().sum(dim=1, keepdim=True)
+    tail = torch.log1p(-top_mass.clamp(max=1.0))
+    small = (1.0 - top_mass.detach()).squeeze(1) < STUDENT_TAIL_EXACT_BELOW
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(1)
+        exact = torch.logsumexp(log_ps[rows].scatter(1, indices[rows], float("-inf")), dim=1, keepdim=True)
+        tail = tail.index_put((rows,), exact)
+    return tail
 
 
 def topk_teacher_bins(teacher, T=4.0):
@@ -641,7 +664,7 @@ TOKEN_LOSSES = ("soft_target", "reverse_kl", "gjsd")
 LOG_P_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # log of float32's smallest normal, ~ -87.34
 
 
-def token_kd(student_logits, teacher, *, loss="soft_target", T=1.0, beta=0.5, mask=None):
+def token_kd(student_logits, teacher, *, loss="soft_target", T=1.0, beta=0.5, mask=None, log_probs=False):
     """Mean over target positions of T^2 * D(p_t, p_s), p_t = softmax(t / T), p_s = softmax(s / T):
 
         "soft_target"  KL(p_t || p_s), forward KL: Hinton, Vinyals & Dean 2015 (mean-seeking),
@@ -664,6 +687,9 @@ def token_kd(student_logits, teacher, *, loss="soft_target", T=1.0, beta=0.5, ma
     (log of float32's smallest normal, ~ -87.3) where they read them, so a student mass p on a
     ruled-out class costs p * (log p + 87.3) in reverse KL, not +inf. A dense teacher row with no
     distribution (all -inf, NaN or +inf) raises ValueError, as in soft_target.
+    log_probs=True: student_logits are already log_softmax(s), as a caller computing the next-token
+    CE from them has (the same distribution, since softmax ignores a row's shift); at T = 1 the
+    softmax over the vocabulary is then not computed again.
     Returns a scalar.
     """
     if loss not in TOKEN_LOSSES:
@@ -678,10 +704,10 @@ def token_kd(student_logits, teacher, *, loss="soft_target", T=1.0, beta=0.5, ma
     if isinstance(teacher, TopK):
         t = TopK(*(_target_rows(x, n_lead, rows) for x in (teacher.values, teacher.indices, teacher.logsumexp,
                                                           teacher.log_tail)), c)
-        log_pt, log_ps = _topk_bins(s, t, T)
+        log_pt, log_ps = _topk_bins(s, t, T, normalized=log_probs)
     else:
         t = _checked_teacher("token_kd", _target_rows(teacher, n_lead, rows).to(s.dtype))
-        log_pt, log_ps = F.log_softmax(t / T, dim=1), F.log_softmax(s / T, dim=1)
+        log_pt, log_ps = F.log_softmax(t / T, dim=1), _tempered(s, T, log_probs)
     if loss == "soft_target":
         per_position = _kl_rows(log_pt, log_ps)
     elif loss == "reverse_kl":

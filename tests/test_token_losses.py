@@ -268,3 +268,44 @@ def test_an_integer_mask_unknown_loss_and_beta_outside_zero_one_are_refused():
     for beta in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="0 < beta < 1"):
             losses.token_kd(s, t, loss="gjsd", beta=beta)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_log_probs_given_by_the_caller_are_the_same_student(T):
+    """A caller that normalised the student for its CE passes log_softmax(s): the same loss and gradient."""
+    from kdcache import encodings
+    from kdcache.losses import token_kd
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3
+    teacher = encodings.LogitCodec("float32", 8, 50).decode(encodings.LogitCodec("float32", 8, 50).encode(t.float()))
+    teacher = encodings.TopK(*(x.double() if x.is_floating_point() else x for x in
+                               (teacher.values, teacher.indices, teacher.logsumexp, teacher.log_tail)), 50)
+    for loss in ("soft_target", "reverse_kl", "gjsd"):
+        s1 = (torch.randn(6, 50, generator=g, dtype=torch.float64) * 2).requires_grad_()
+        s2 = s1.detach().clone().requires_grad_()
+        a = token_kd(s1, teacher, loss=loss, T=T)
+        b = token_kd(torch.log_softmax(s2, dim=1), teacher, loss=loss, T=T, log_probs=True)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_the_student_tail_bucket_is_exact_also_for_a_confident_student():
+    """log(1 - sum p_k) serves rows with a large tail; rows whose tail is tiny are summed class by class:
+    both match the logsumexp over the other classes, in value and gradient."""
+    from kdcache.losses import _student_tail
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(8, 40, generator=g, dtype=torch.float32)
+    s[:4, :3] += torch.tensor([30.0, 12.0, 9.0])  # confident rows: the top 3 hold all but ~1e-5 .. 1e-12
+    indices = s.topk(3, dim=1).indices
+    x1, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    lp1, lp2 = torch.log_softmax(x1, 1), torch.log_softmax(x2, 1)
+    ours = _student_tail(lp1, lp1.gather(1, indices), indices)
+    exact = torch.logsumexp(lp2.scatter(1, indices, float("-inf")), dim=1, keepdim=True)
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-6)
+    ours.sum().backward()
+    exact.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)

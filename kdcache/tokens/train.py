@@ -237,8 +237,8 @@ def _cache_tokenizer(setup: TokenSetup):
 
 def objective(out, y, mask, teacher, alpha: float, cfg: TrainConfig) -> dict:
     """(1 - alpha) * CE on the next tokens + alpha * token_kd, both over the positions with a target."""
-    s = out[mask]  # [M, V]: the positions with a target, selected once for both terms
-    task = F.cross_entropy(s, y[mask]) if len(s) else out.sum() * 0.0
+    s = F.log_softmax(out[mask].float(), dim=-1)  # [M, V]: the positions with a target, normalised once for both terms
+    task = F.nll_loss(s, y[mask]) if len(s) else out.sum() * 0.0
     if teacher is None:
         return {"loss": task, "task_loss": task}
     mask = mask.to(teacher.values.device if isinstance(teacher, TopK) else teacher.device)
@@ -248,7 +248,7 @@ def objective(out, y, mask, teacher, alpha: float, cfg: TrainConfig) -> dict:
     else:
         teacher = teacher[mask].to(out.device, torch.float32)
     try:
-        kd = losses.token_kd(s, teacher, loss=cfg.loss, T=cfg.temperature, beta=cfg.jsd_beta)
+        kd = losses.token_kd(s, teacher, loss=cfg.loss, T=cfg.temperature, beta=cfg.jsd_beta, log_probs=True)
     except ValueError as e:
         raise KDCacheError(f"--loss {cfg.loss}: {e}") from None
     return {"loss": torch.lerp(task, kd, alpha), "task_loss": task, "kd_loss": kd}
