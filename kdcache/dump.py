@@ -147,6 +147,7 @@ class ImageDump:
                                           sample=cfg.sample, sample_seed=cfg.sample_seed,
                                           sample_temperature=cfg.sample_temperature if cfg.sample else None)
         self.codec.validate()
+        self._layouts: dict = {}
 
     def attrs(self) -> dict:
         """Root attrs beyond the codec's: how activations and views were stored."""
@@ -155,51 +156,114 @@ class ImageDump:
                 "activations": {name: {"form": form} for name, form in self.activations}}
 
     def estimate_bytes(self) -> int:
-        return estimate_bytes(self.teacher, self.splits, self.activations, self.codec, self.cfg, self.device)
+        """Uncompressed size of the store: an upper bound, since chunks are compressed (digits' fp16
+        logits shrink ~10%, feature maps more)."""
+        total = 0
+        for data in self.splits:
+            total += 8 * len(data)  # labels
+            # math.prod of Python ints: np.prod wraps around int64 for a huge --views and would pass the check
+            total += sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self.specs(data).values())
+        return total
+
+    def layout(self, data: SplitData):
+        """(views, recipe, {name relative to split: (shape, storage dtype)}) of a split's outputs,
+        worked out once per split (it runs the teacher on one view)."""
+        if data.split not in self._layouts:
+            self._layouts[data.split] = self._layout(data)
+        return self._layouts[data.split]
+
+    def _layout(self, data: SplitData):
+        recipe = augment.dump_recipe(self.cfg, data)  # how its views are made; None: one clean view
+        views = self.cfg.views if recipe is not None else 1
+        n = len(data)
+        # per-view shapes from the first view alone: --views 10**9 would make all its views here first
+        shapes = self._probe(augment.DumpViews(data.dataset, recipe, 1))
+        specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in self.codec.arrays().items()}
+        act_dtype = stores.STORAGE_DTYPES[encodings.activation_dtype(self.cfg.dtype)][0]
+        for name, _ in self.activations:
+            specs[f"activations/{name}"] = ((n, views) + shapes[name], act_dtype)
+        for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
+            specs[key] = ((n, views) + tail, dtype)
+        return views, recipe, specs
 
     def specs(self, data: SplitData) -> dict:
-        return _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg, self.device)[2]
+        return self.layout(data)[2]
 
     def batch_samples(self, data: SplitData) -> int:
         """Samples per teacher batch: --batch-size counts teacher inputs, B // V samples of V views each."""
-        return max(1, self.cfg.batch_size // _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg,
-                                                            self.device)[0])
+        return max(1, self.cfg.batch_size // self.layout(data)[0])
 
     def prepare_split(self, store, data: SplitData) -> None:
-        _prepare_split(store, self.teacher, data, self.activations, self.codec, self.cfg, self.device)
+        """Create a split's arrays, labels and attrs (rank 0, before any rank writes)."""
+        views, recipe, specs = self.layout(data)
+        stores.create_split(store, data.split, specs, np.asarray(data.labels, dtype=np.int64), self.cfg.chunk_bytes,
+                            {"dataset": data.describe(), "transform": data.transform, "views": views,
+                             "view_transform": recipe.augmentation.description if recipe is not None else None})
 
     def write_blocks(self, store, data: SplitData, block: int, todo: list, record, keys) -> None:
-        views, recipe, _ = _split_arrays(self.teacher, data, self.activations, self.codec, self.cfg, self.device)
-        _write_blocks(store, self.teacher, data, self.activations, self.codec, self.cfg, self.device, recipe, views,
-                      block, todo, record, keys)
+        """Run the teacher over the samples of blocks `todo` (in order) and write them into the split's
+        arrays `keys` (names relative to the split)."""
+        cfg, device, teacher, activations, codec = self.cfg, self.device, self.teacher, self.activations, self.codec
+        views, recipe, _ = self.layout(data)
+        split, n = data.split, len(data)
+        source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
+        # named, not listed: listing the split walks the other ranks' progress records as they are rewritten
+        arrays = {f"{split}/{key}": store.array(f"{split}/{key}") for key in keys}
+        rows = [i for b in todo for i in range(b * block, min((b + 1) * block, n))]
+        cuda = device.type == "cuda"
+        amp = autocast_dtype(cfg, device)
+        loader = data_loader(torch.utils.data.Subset(source, rows), batch_size=self.batch_samples(data),
+                             shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
+        names = [name for name, _ in activations]
+        act_dtype = encodings.activation_dtype(cfg.dtype)
+
+        def batches():
+            """The teacher's outputs for `rows`, batch by batch, encoded and on their way to the host."""
+            # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
+            with (Progress(n, f"dump {split}", initial=n - len(rows)) as bar, torch.inference_mode(),
+                  torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
+                  capture(teacher, names) as acts):
+                done = 0
+                for x, view_records in loader:
+                    b, v = x.shape[:2]
+                    x = x.to(device, non_blocking=True).flatten(0, 1)  # [B * V, C, H, W]: every view in one teacher batch
+                    logits = teacher(x).float().unflatten(0, (b, v))  # [B, V, C]
+                    batch = {}
+                    # checked after rounding, in network order (the earliest bad value is the clue): a finite
+                    # value that the stored dtype makes inf would turn training's losses into NaN
+                    for name, form in activations:
+                        act = REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v))
+                        if not cfg.allow_nonfinite:
+                            encodings.check_finite(act.flatten(1), rows[done], f"activation {name}")
+                        encodings.check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
+                        batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
+                    encoded = encodings.encode_checked(codec, logits, rows[done], allow_nonfinite=cfg.allow_nonfinite)
+                    batch.update({f"{split}/{k}": t for k, t in encoded.items()})
+                    # copies are queued behind the teacher's kernels; the writer waits on the event
+                    host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
+                    host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in view_records.items()})  # on the host already
+                    ready = torch.cuda.Event() if cuda else None
+                    if ready is not None:
+                        ready.record()
+                    yield host, ready
+                    done += b
+                    bar.update(b)
+
+        writer.write_blocks(arrays, batches(), block_rows=block, blocks=todo, record=record)
+
+    def _probe(self, source) -> dict:
+        """Per-view shapes of the logits and each stored activation form, from sample 0's first view."""
+        x = source[0][0][:1].to(self.device)
+        with torch.inference_mode(), capture(self.teacher, [n for n, _ in self.activations]) as acts:
+            logits = self.teacher(x)
+        shapes = {"logits": tuple(logits.shape[1:])}
+        for name, form in self.activations:
+            shapes[name] = tuple(REDUCTIONS[form](acts[name].float()).shape[1:])
+        return shapes
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
-
-
-def _split_arrays(teacher, data: SplitData, activations, codec, cfg: DumpConfig, device):
-    """(views, recipe, {name relative to split: (shape, storage dtype)}) of a split's outputs."""
-    recipe = augment.dump_recipe(cfg, data)  # how its views are made; None: one clean view
-    views = cfg.views if recipe is not None else 1
-    n = len(data)
-    # per-view shapes from the first view alone: --views 10**9 would make all its views here first
-    shapes = _probe(teacher, augment.DumpViews(data.dataset, recipe, 1), activations, device)
-    specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in codec.arrays().items()}
-    act_dtype = stores.STORAGE_DTYPES[encodings.activation_dtype(cfg.dtype)][0]
-    for name, _ in activations:
-        specs[f"activations/{name}"] = ((n, views) + shapes[name], act_dtype)
-    for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
-        specs[key] = ((n, views) + tail, dtype)
-    return views, recipe, specs
-
-
-def _prepare_split(store, teacher, data: SplitData, activations, codec, cfg: DumpConfig, device) -> None:
-    """Create a split's arrays, labels and attrs (rank 0, before any rank writes)."""
-    views, recipe, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
-    stores.create_split(store, data.split, specs, np.asarray(data.labels, dtype=np.int64), cfg.chunk_bytes,
-                        {"dataset": data.describe(), "transform": data.transform, "views": views,
-                         "view_transform": recipe.augmentation.description if recipe is not None else None})
 
 
 def _dump_split(store, job, data, dist) -> None:
@@ -230,81 +294,6 @@ def _dump_split(store, job, data, dist) -> None:
         missing = n_blocks - len(records.blocks_done(known, n_blocks))
         assert missing == 0, f"{missing} blocks of {split} were not written"
         records.finish_split(store, split, known, n)
-
-
-def _write_blocks(store, teacher, data, activations, codec, cfg, device, recipe, views, block, todo, record,
-                  keys) -> None:
-    """Run the teacher over the samples of blocks `todo` (in order) and write them into the split's
-    arrays `keys` (names relative to the split)."""
-    split, n = data.split, len(data)
-    source = augment.DumpViews(data.dataset, recipe, views)  # sample i -> (x [V, C, H, W], per-view record)
-    # named, not listed: listing the split walks the other ranks' progress records as they are rewritten
-    arrays = {f"{split}/{key}": store.array(f"{split}/{key}") for key in keys}
-    rows = [i for b in todo for i in range(b * block, min((b + 1) * block, n))]
-    cuda = device.type == "cuda"
-    amp = autocast_dtype(cfg, device)
-    # --batch-size counts teacher inputs: B // V samples of V views each
-    loader = data_loader(torch.utils.data.Subset(source, rows), batch_size=max(1, cfg.batch_size // views),
-                         shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
-    names = [name for name, _ in activations]
-    act_dtype = encodings.activation_dtype(cfg.dtype)
-
-    def batches():
-        """The teacher's outputs for `rows`, batch by batch, encoded and on their way to the host."""
-        # a bar on a terminal, else a line every few seconds (a killed dump's log says how far it got)
-        with (Progress(n, f"dump {split}", initial=n - len(rows)) as bar, torch.inference_mode(),
-              torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None),
-              capture(teacher, names) as acts):
-            done = 0
-            for x, view_records in loader:
-                b, v = x.shape[:2]
-                x = x.to(device, non_blocking=True).flatten(0, 1)  # [B * V, C, H, W]: every view in one teacher batch
-                logits = teacher(x).float().unflatten(0, (b, v))  # [B, V, C]
-                batch = {}
-                # checked after rounding, in network order (the earliest bad value is the clue): a finite
-                # value that the stored dtype makes inf would turn training's losses into NaN
-                for name, form in activations:
-                    act = REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v))
-                    if not cfg.allow_nonfinite:
-                        encodings.check_finite(act.flatten(1), rows[done], f"activation {name}")
-                    encodings.check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
-                    batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
-                encoded = encodings.encode_checked(codec, logits, rows[done], allow_nonfinite=cfg.allow_nonfinite)
-                batch.update({f"{split}/{k}": t for k, t in encoded.items()})
-                # copies are queued behind the teacher's kernels; the writer waits on the event
-                host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
-                host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in view_records.items()})  # on the host already
-                ready = torch.cuda.Event() if cuda else None
-                if ready is not None:
-                    ready.record()
-                yield host, ready
-                done += b
-                bar.update(b)
-
-    writer.write_blocks(arrays, batches(), block_rows=block, blocks=todo, record=record)
-
-
-def estimate_bytes(teacher, splits, activations, codec, cfg: DumpConfig, device) -> int:
-    """Uncompressed size of the store: an upper bound, since chunks are compressed (digits' fp16
-    logits shrink ~10%, feature maps more)."""
-    total = 0
-    for data in splits:
-        _, _, specs = _split_arrays(teacher, data, activations, codec, cfg, device)
-        total += 8 * len(data)  # labels
-        # math.prod of Python ints: np.prod wraps around int64 for a huge --views and would pass the check
-        total += sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
-    return total
-
-
-def _probe(teacher, source, activations, device) -> dict:
-    """Per-view shapes of the logits and each stored activation form, from sample 0's first view."""
-    x = source[0][0][:1].to(device)
-    with torch.inference_mode(), capture(teacher, [n for n, _ in activations]) as acts:
-        logits = teacher(x)
-    shapes = {"logits": tuple(logits.shape[1:])}
-    for name, form in activations:
-        shapes[name] = tuple(REDUCTIONS[form](acts[name].float()).shape[1:])
-    return shapes
 
 
 def _check_resumable(store, attrs: dict, splits) -> None:

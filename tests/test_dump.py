@@ -128,16 +128,11 @@ def test_dump_refuses_when_the_disk_cannot_hold_the_store(teacher_ckpt, tmp_path
 
 def test_store_size_estimate_bounds_what_is_written(teacher_ckpt, tmp_path):
     from kdcache.distributed import resolve_device
-    from kdcache.dump import estimate_bytes
-    from kdcache.hooks import parse_activation
+    from kdcache.dump import ImageDump
     from kdcache.config import DumpConfig
-    from kdcache.encodings import LogitCodec
 
     cfg = DumpConfig(teacher=teacher_ckpt, out=str(tmp_path / "c.zarr"), activations=["layer1"])
-    teacher, _ = build_teacher(teacher_ckpt, num_classes=10)
-    splits = [load_split("digits", s) for s in cfg.splits]
-    codec = LogitCodec(cfg.dtype, None, 10)
-    need = estimate_bytes(teacher, splits, [parse_activation("layer1")], codec, cfg, resolve_device("cpu"))
+    need = ImageDump(cfg, resolve_device("cpu")).estimate_bytes()
     out = dump_teacher(cfg)
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     assert (2 * 1797 * 10 + 8 * 1797) < need and on_disk < need
