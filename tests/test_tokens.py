@@ -213,3 +213,29 @@ def test_activations_and_views_on_a_text_dataset_are_refused(lm_teacher, tmp_pat
     code, _, err = run(capsys, "dump-teacher", "--teacher", lm_teacher, "--dataset", "pydoc", "--seq-len", "16",
                        "--activation", "transformer.h.0", "--out", str(tmp_path / "x.zarr"))
     assert code == 2 and "--activation applies to image datasets" in one_line(err)
+
+
+def test_streamed_targets_are_the_in_memory_targets_and_train(lm_teacher, tmp_path):
+    """--targets-in stream: blocks read as batches need them give the rows the in-memory table gives."""
+    from kdcache.config import TrainConfig
+    from kdcache.tokens.train import TokenSetup
+
+    lm_cache = dump_teacher(teacher=lm_teacher, topk=8, dtype="float32", chunk_bytes=1024,  # blocks of 4 sequences
+                            out=str(tmp_path / "blocks.zarr"), **SEQ)
+
+    memory = TokenSetup(TrainConfig(cache=lm_cache, students=["lm_tiny"], targets_in="memory"), torch.device("cpu"))
+    streamed = TokenSetup(TrainConfig(cache=lm_cache, students=["lm_tiny"], targets_in="stream", buffer_blocks=1),
+                          torch.device("cpu"))
+    assert streamed.train.stream is not None and memory.train.targets is not None
+    assert streamed.train.stream.block_rows < 10
+    rows = torch.tensor([39, 0, 17, 5, 38, 1])  # several blocks, out of order
+    for a, b in zip(memory.train.batch(rows), streamed.train.batch(rows)):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            for x, y in zip((a.values, a.indices, a.logsumexp, a.log_tail), (b.values, b.indices, b.logsumexp, b.log_tail)):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+    order = [r.tolist() for r in streamed.train.order(8, torch.Generator().manual_seed(0), 1)]
+    assert sorted(i for batch in order for i in batch) == list(range(len(streamed.train)))  # each sequence once
+    row = train_student(cache=lm_cache, students=["lm_tiny"], epochs=1, targets_in="stream", out=str(tmp_path / "o"), **TRAIN)[0]
+    assert 1.0 < row["perplexity"] < 400

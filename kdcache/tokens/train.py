@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from kdcache import losses
 from kdcache import store as stores
 from kdcache.config import TrainConfig, as_dict
-from kdcache.encodings import TopK
+from kdcache.encodings import LogitCodec, TopK
 from kdcache.errors import KDCacheError
 from kdcache.progress import Progress, log
 from kdcache.schedules import Schedule
-from kdcache.targets import SplitTargets
+from kdcache.targets import SplitTargets, StreamedSplit, choose_place
 from kdcache.tokens import models, text
 from kdcache.train import lr_factor, make_optimizer
 
@@ -41,21 +41,52 @@ SUMMARY_COLUMNS = ["student", "kind", "params", "epochs", "perplexity", "top1", 
 @dataclass
 class TokenData:
     """One split as training sees it: tokens [N, L] and labels [N, L] (next token, -100: no target),
-    and the teacher's targets when there is a cache."""
+    and the teacher's targets when there is a cache: in memory (SplitTargets), or read block by
+    block as batches need them (StreamedSplit, --targets-in stream: larger than memory)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     targets: SplitTargets | None = None
+    stream: StreamedSplit | None = None
+    buffer_blocks: int = 8
+
+    def __post_init__(self):
+        self._blocks: dict = {}  # streamed blocks kept, oldest first: the sampler's window of them
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def order(self, batch_size: int, generator: torch.Generator, epoch: int):
+        """This epoch's batches of sequence indices: shuffled, or (streamed) whole blocks shuffled in
+        windows of --buffer-blocks, so each block is read once per epoch."""
+        if self.stream is None:
+            return torch.randperm(len(self), generator=generator).split(batch_size)
+        sampler = self.stream.sampler(batch_size, seed=int(torch.randint(2**31, (1,), generator=generator)))
+        sampler.set_epoch(epoch)
+        return [torch.as_tensor(b, dtype=torch.int64) for b in sampler]
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         teacher = None
         if self.targets is not None:
             picked = {k: t.index_select(0, rows) for k, t in self.targets.tables.items()}
             teacher = self.targets.codec.decode(picked)  # TopK [B, L, K] or dense [B, L, V]
+        elif self.stream is not None:
+            teacher = self.stream.codec.decode(self._streamed(rows))
         return self.tokens.index_select(0, rows), self.labels.index_select(0, rows), teacher
+
+    def _streamed(self, rows: torch.Tensor) -> dict:
+        """The stored target arrays of `rows` [B] as [B, L, ...], from their blocks (each read once
+        while it stays in the window; every block checked against its checksum as it is read)."""
+        per_block, length = self.stream.block_rows, self.stream.views
+        blocks, within = (rows // per_block).tolist(), (rows % per_block).tolist()
+        needed = dict.fromkeys(blocks)
+        for b in needed:
+            if b not in self._blocks:
+                self._blocks[b] = {k: t.unflatten(0, (-1, length)) for k, t in self.stream.load_block(b)["logits"].items()}
+        for b in [b for b in self._blocks if b not in needed][: max(0, len(self._blocks) - self.buffer_blocks - 1)]:
+            del self._blocks[b]  # the oldest first; never a block this batch reads
+        return {k: torch.stack([self._blocks[b][k][r] for b, r in zip(blocks, within)])
+                for k in self._blocks[blocks[0]]}
 
 
 def is_token_cache(path: str) -> bool:
@@ -112,9 +143,19 @@ class TokenSetup:
     def _cached(self, store, cfg, split: str) -> TokenData:
         if split not in store.group_names():
             raise KDCacheError(f"cache '{cfg.cache}' has no split '{split}'; it has {', '.join(store.group_names())}")
-        targets = SplitTargets(store, split)
-        tokens = stores.CheckedReads(store, split, ["tokens"]).read("tokens")
-        data = TokenData(torch.from_numpy(np.asarray(tokens).astype(np.int64)), targets.labels, targets)
+        reads = stores.CheckedReads(store, split, ["tokens", "labels"])
+        tokens = torch.from_numpy(np.asarray(reads.read("tokens")).astype(np.int64))
+        labels = torch.from_numpy(np.asarray(reads.read("labels")).astype(np.int64))
+        codec_arrays = LogitCodec.from_attrs(store.get_attrs()).arrays()
+        need = sum(int(np.prod(store.array(f"{split}/{k}").shape)) * np.dtype(dt).itemsize
+                   for k, (_, dt) in codec_arrays.items())
+        place = choose_place(cfg.targets_in, need, self.device)
+        if place == "stream":
+            data = TokenData(tokens, labels, stream=StreamedSplit(cfg.cache, split), buffer_blocks=cfg.buffer_blocks)
+        else:
+            data = TokenData(tokens, labels, SplitTargets(store, split, device=self.device if place == "gpu" else "cpu"))
+        if split == cfg.train_split:
+            log.info(f"teacher targets: {need / 2**20:.2f} MiB, {place} ({cfg.targets_in})")
         if text.is_text_dataset(cfg.dataset):  # the user's text: it must be what the cache was computed on
             self._check_dataset(cfg, split, store.get_attrs(split)["dataset"])
         return data
@@ -173,7 +214,7 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
     alpha = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha)
     kd = kind == "kd"
     n = len(setup.train)
-    steps_per_epoch = -(-n // cfg.batch_size)
+    steps_per_epoch = len(setup.train.order(cfg.batch_size, torch.Generator().manual_seed(cfg.seed), 1))
     total = cfg.epochs * steps_per_epoch
     order = torch.Generator().manual_seed(cfg.seed)
     os.makedirs(folder, exist_ok=True)
@@ -184,7 +225,7 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
             model.train()
             sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
             with Progress(n, f"{name} epoch {epoch}/{cfg.epochs}", unit="sequences") as bar:
-                for rows in torch.randperm(n, generator=order).split(cfg.batch_size):
+                for rows in setup.train.order(cfg.batch_size, order, epoch):
                     x, y, teacher = setup.train.batch(rows)
                     x, y = x.to(device), y.to(device)
                     mask = y != -100
