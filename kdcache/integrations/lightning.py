@@ -88,10 +88,15 @@ class CacheDistillation:
         total = self.trainer.estimated_stepping_batches
         parts = kd(logits, y, index, task_loss=task_loss, pct=self.trainer.global_step / max(1, total),
                    features=self._kd_features, teacher=teacher)
-        stage = "kd" if self.training else "kd_val"
-        self.log_dict({f"{stage}/task_loss": parts["task_loss"].detach(), f"{stage}/kd_loss": parts["kd_loss"].detach(),
-                       f"{stage}/weight": float(parts["weight"])}, on_step=self.training, on_epoch=not self.training,
-                      batch_size=len(y), sync_dist=not self.training)
+        # training parts on the steps the trainer writes logs (every log_every_n_steps): a log_dict call
+        # per step cost more than the KD term itself (bench/integrations.py); validation's epoch means
+        # need every batch
+        every = max(1, getattr(self.trainer, "log_every_n_steps", 1) or 1)
+        if not self.training or self.trainer.global_step % every == 0:
+            stage = "kd" if self.training else "kd_val"
+            self.log_dict({f"{stage}/task_loss": parts["task_loss"].detach(), f"{stage}/kd_loss": parts["kd_loss"].detach(),
+                           f"{stage}/weight": float(parts["weight"])}, on_step=self.training, on_epoch=not self.training,
+                          batch_size=len(y), sync_dist=not self.training)
         return parts["loss"]
 
     def _valid_teacher(self):
