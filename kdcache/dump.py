@@ -239,12 +239,8 @@ class ImageDump:
                         batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
                     encoded = encodings.encode_checked(codec, logits, rows[done], allow_nonfinite=cfg.allow_nonfinite)
                     batch.update({f"{split}/{k}": t for k, t in encoded.items()})
-                    # copies are queued behind the teacher's kernels; the writer waits on the event
-                    host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
+                    host, ready = writer.to_host(batch, cuda)  # the writer waits on `ready` before reading
                     host.update({f"{split}/{k}": augment.as_stored(k, t) for k, t in view_records.items()})  # on the host already
-                    ready = torch.cuda.Event() if cuda else None
-                    if ready is not None:
-                        ready.record()
                     yield host, ready
                     done += b
                     bar.update(b)

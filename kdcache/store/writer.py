@@ -117,6 +117,20 @@ class BlockWriter:
                 done = self._queue.get() is _DONE
 
 
+def to_host(batch: dict, cuda: bool) -> tuple[dict, object]:
+    """A batch of device tensors on its way to the host, for write_blocks: (copies, event). On CUDA the
+    copies are queued behind the kernels that made them (non_blocking) and the writer thread waits on
+    the event before reading them; on the CPU there is nothing to wait for (event None)."""
+    host = {k: t.to("cpu", non_blocking=cuda) for k, t in batch.items()}
+    if not cuda:
+        return host, None
+    import torch  # deferred: the store layer is plain numpy everywhere else
+
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def write_blocks(arrays: dict, batches, *, block_rows: int, blocks, record, max_pending: int = 8) -> None:
     """Write every batch of `batches` (`{path: rows}`, or `({path: rows}, cuda_event)`) into the whole
     blocks `blocks` through a BlockWriter, recording each whole block in `record` (a ProgressRecord).

@@ -131,11 +131,8 @@ class TokenDump:
                     logits = self.teacher(tokens.to(self.device, non_blocking=True)).logits.float()  # [B, L, V]
                     encoded = encodings.encode_checked(self.codec, logits, rows[done],
                                                        allow_nonfinite=self.cfg.allow_nonfinite)
-                    host = {f"{split}/{k}": t.to("cpu", non_blocking=cuda) for k, t in encoded.items()}
+                    host, ready = writer.to_host({f"{split}/{k}": t for k, t in encoded.items()}, cuda)
                     host[f"{split}/tokens"] = tokens  # ids < V: the block buffer's unsigned dtype holds them
-                    ready = torch.cuda.Event() if cuda else None
-                    if ready is not None:
-                        ready.record()
                     yield host, ready
                     done += b
                     bar.update(b)
