@@ -74,7 +74,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -89,7 +88,7 @@ import scale  # noqa: E402
 import stream  # noqa: E402
 import tokens  # noqa: E402
 from synthetic import LogitBank, write_logit_stores  # noqa: E402
-from timing import Figure, alternate, best, paired, sync, timed  # noqa: E402
+from timing import Figure, alternate, best, paired, sync, timed, timed_parts  # noqa: E402
 
 import kdcache  # noqa: E402
 from kdcache import store as stores  # noqa: E402
@@ -160,43 +159,9 @@ def inference_only(teacher, data, cfg: DumpConfig, device) -> None:
     sync(device)
 
 
-@contextmanager
-def timed_parts(record: dict):
-    """Inside, kdcache.dump uses timed versions of two names: record["loop"] gets the batch loop's
-    seconds (a BlockWriter's life, created before the first batch, closed after the last block:
-    loader, teacher, encode, copies, writes), record["data"] the dataset loading. The dump reaches
-    its writer as `writer.BlockWriter` (`from kdcache.store import writer`), so the class is swapped in
-    kdcache.store.writer; load_split is a name of kdcache.dump's own."""
-    writer_class, load = kdcache.store.writer.BlockWriter, kdcache.dump.load_split
-
-    class TimedWriter(writer_class):
-        def __init__(self, *args, **kwargs):
-            self._born = time.perf_counter()
-            super().__init__(*args, **kwargs)
-
-        def close(self):
-            try:
-                super().close()
-            finally:
-                record["loop"] = record.get("loop", 0.0) + time.perf_counter() - self._born
-
-    def timed_load(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return load(*args, **kwargs)
-        finally:
-            record["data"] = record.get("data", 0.0) + time.perf_counter() - start
-
-    kdcache.store.writer.BlockWriter, kdcache.dump.load_split = TimedWriter, timed_load  # looked up at each call
-    try:
-        yield record
-    finally:
-        kdcache.store.writer.BlockWriter, kdcache.dump.load_split = writer_class, load
-
-
 def dump_call(cfg: DumpConfig, out: str, parts: dict) -> float:
     """One whole `dump_teacher(..., overwrite=True)`; appends its loop and data seconds to `parts`."""
-    with timed_parts({}) as record:
+    with timed_parts({}, kdcache.dump, "load_split") as record:
         start = time.perf_counter()
         dump_teacher(teacher=cfg.teacher, dataset=cfg.dataset, splits=cfg.splits, out=out, device=cfg.device,
                      overwrite=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -93,3 +94,42 @@ class Figure:
     def verdict(self) -> str:
         ok = self.judged <= self.target if self.at_most else self.judged >= self.target
         return "PASS" if ok else ("ABOVE" if self.at_most else "BELOW")
+
+
+@contextmanager
+def timed_parts(record: dict, loader_module, loader_name: str):
+    """Inside, a dump runs timed versions of two names: record["loop"] gets the batch loop's seconds
+    (a BlockWriter's life, created before the first batch, closed after the last block: loader,
+    teacher, encode, copies, writes), record["data"] those of `loader_module.loader_name`, the
+    data loading (kdcache.dump's load_split, or kdcache.tokens.text's load_token_split). Dumps reach
+    their writer as `writer.BlockWriter` (`from kdcache.store import writer`), so the class is
+    swapped in kdcache.store.writer; both names are looked up at each call."""
+    import kdcache.store.writer
+
+    writer_class, load = kdcache.store.writer.BlockWriter, getattr(loader_module, loader_name)
+
+    class TimedWriter(writer_class):
+        def __init__(self, *args, **kwargs):
+            self._born = time.perf_counter()
+            super().__init__(*args, **kwargs)
+
+        def close(self):
+            try:
+                super().close()
+            finally:
+                record["loop"] = record.get("loop", 0.0) + time.perf_counter() - self._born
+
+    def timed_load(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            record["data"] = record.get("data", 0.0) + time.perf_counter() - start
+
+    kdcache.store.writer.BlockWriter = TimedWriter
+    setattr(loader_module, loader_name, timed_load)
+    try:
+        yield record
+    finally:
+        kdcache.store.writer.BlockWriter = writer_class
+        setattr(loader_module, loader_name, load)

@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 
-import kdcache.store.writer
 from kdcache import dump_teacher, train_student
 from kdcache import store as stores
 from kdcache.config import TrainConfig
@@ -40,7 +39,7 @@ from kdcache.tokens.train import TokenData, TokenSetup, objective
 from kdcache.train import make_optimizer
 from encoding_costs import stored_per_sample
 from synthetic import SplitWriter, root_attrs
-from timing import Figure, alternate, best, paired, sync
+from timing import Figure, alternate, best, paired, sync, timed_parts
 
 DATASET, TOKENIZER, SEQ_LEN = "pydoc", "bpe:2048", 64  # the demo's (pipelines/pydoc-lm.yaml): 1,918 train sequences
 TEACHER = "lm_medium"  # 2 x 128: ~45 us/position forward on 1 CPU thread; lm_large (~130 us) trains 3x slower here
@@ -127,39 +126,6 @@ def teacher_forward(model, data: text.TokenSplit, batch: int, device) -> None:
     sync(device)
 
 
-@contextlib.contextmanager
-def timed_loop(record: dict):
-    """Inside, record["loop"] gets the seconds of each BlockWriter's life (created before the first
-    batch, closed after the last block: the dump's batch loop; the class is looked up in
-    kdcache.store.writer at each call, as bench/run.py's timed_parts swaps it) and record["data"]
-    those of tokenizing the split (text.load_token_split, looked up in kdcache.tokens.text)."""
-    writer_class, load = kdcache.store.writer.BlockWriter, text.load_token_split
-
-    class TimedWriter(writer_class):
-        def __init__(self, *args, **kwargs):
-            self._born = time.perf_counter()
-            super().__init__(*args, **kwargs)
-
-        def close(self):
-            try:
-                super().close()
-            finally:
-                record["loop"] = record.get("loop", 0.0) + time.perf_counter() - self._born
-
-    def timed_load(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return load(*args, **kwargs)
-        finally:
-            record["data"] = record.get("data", 0.0) + time.perf_counter() - start
-
-    kdcache.store.writer.BlockWriter, text.load_token_split = TimedWriter, timed_load
-    try:
-        yield record
-    finally:
-        kdcache.store.writer.BlockWriter, text.load_token_split = writer_class, load
-
-
 def bench_dump(folder: str, teacher: str, device, rounds: int, sequences: int, quiet) -> tuple[list[Figure], str]:
     out = os.path.join(folder, "top32.zarr")
     options = dump_options(teacher, sequences, device, topk=32, dtype="float16", splits=["train"], out=out,
@@ -172,7 +138,7 @@ def bench_dump(folder: str, teacher: str, device, rounds: int, sequences: int, q
     parts = {"loop": [], "data": []}
 
     def dump_call():
-        with quiet(), timed_loop({}) as record:
+        with quiet(), timed_parts({}, text, "load_token_split") as record:
             start = time.perf_counter()
             dump_teacher(**options)
             total = time.perf_counter() - start
