@@ -136,4 +136,4 @@ def test_two_process_gloo_ddp_trains_the_same_weights_as_one_process(tmp_path):
     ddp = torch.load(out, weights_only=True)
     single = train(Dist())
     for name in single:
-        assert torch.allclose(ddp[name], single[name], rtol=0, atol=1e-6), name
+        assert torch.allclose(ddp[name], single[name], rtol=1e-5, atol=1e-6), name

@@ -81,7 +81,7 @@ def test_interrupted_dump_never_reads_as_complete_and_resume_gives_the_same_stor
     dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, batch_size=50, resume=True, **small)
     a, b = open_cache(out), open_cache(full)
     for split in ("train", "test"):
-        torch.testing.assert_close(a[split].logits, b[split].logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[split].logits, b[split].logits, rtol=1e-5, atol=1e-6)  # batches of 50 vs 256
 
 
 def test_resume_refuses_a_different_encoding(teacher_ckpt, tmp_path):

@@ -143,7 +143,7 @@ def test_topk_probabilities_at_T1_are_exact_and_so_is_the_tail_mass():
     got = through_store(LogitCodec("float32", 3, C), x)
     p = x.softmax(-1)
     p_top = (got.values - got.logsumexp.unsqueeze(-1)).exp()
-    assert torch.allclose(p_top, p.gather(-1, got.indices), rtol=1e-6, atol=0)
+    assert torch.allclose(p_top, p.gather(-1, got.indices), rtol=1e-5, atol=0)
     tail = p.masked_fill(torch.zeros_like(p, dtype=torch.bool).scatter_(-1, got.indices, True), 0).sum(-1)
     # relatively: the tail's log-mass is computed from the unrounded row and stored in float32
     torch.testing.assert_close(got.log_tail_mass().exp(), tail, rtol=1e-5, atol=0)
@@ -154,7 +154,7 @@ def test_dense_reconstruction_spreads_the_exact_tail_mass_evenly():
     t = through_store(LogitCodec("float32", 3, C), x)
     dense = t.dense()
     assert dense.shape == (4, C)
-    torch.testing.assert_close(dense.gather(-1, t.indices), t.values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dense.gather(-1, t.indices), t.values, rtol=1e-5, atol=1e-6)
     in_top = torch.zeros(4, C, dtype=torch.bool).scatter_(-1, t.indices, True)
     tail = dense[~in_top].view(4, C - 3)
     assert (tail == tail[:, :1]).all()  # one logit for every tail class
@@ -172,7 +172,7 @@ def test_a_tiny_stored_tail_survives_values_that_rounding_made_hold_all_the_mass
     assert torch.isfinite(dense).all()
     assert dense[0, 1] == dense[0, 3]
     torch.testing.assert_close((dense[0, 1] - t.logsumexp[0]).exp() * 2, torch.tensor(1e-30), rtol=1e-4, atol=0)
-    assert torch.logsumexp(t.log_probs(), -1).exp().item() + 1e-30 == pytest.approx(1.0, rel=1e-6)
+    assert torch.logsumexp(t.log_probs(), -1).exp().item() + 1e-30 == pytest.approx(1.0, rel=1e-5)
     s = torch.zeros(1, 4, requires_grad=True)
     for reconstruction in ("sparse", "dense"):
         loss = losses.soft_target_topk(s, t, T=4.0, reconstruction=reconstruction)
@@ -202,7 +202,7 @@ def test_sparse_loss_is_finite_has_gradients_and_is_a_lower_bound_of_full_kl_at_
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     # merging the tail into one bin can only lose information (chain rule of KL)
-    assert loss.item() <= full_kl(s, x).item() + 1e-6
+    assert loss.item() <= full_kl(s, x).item() * (1 + 1e-5)  # KL ~ 5: relative, float32 resolves 1e-6 only near 1
 
 
 def test_sparse_loss_is_zero_when_the_student_is_the_teacher_at_T1():

@@ -492,7 +492,7 @@ def test_rkd_in_blocks_of_one_anchor_is_the_same_and_keeps_no_b_by_b_by_d_tensor
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         blocked = losses.rkd(fs, ft)
     (blocked_grad,) = torch.autograd.grad(blocked, fs)
-    assert blocked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert blocked.item() == pytest.approx(whole.item(), rel=1e-5)
     torch.testing.assert_close(blocked_grad, whole_grad, rtol=1e-5, atol=1e-5 * whole_grad.abs().max().item())
     assert max(saved) <= 5 * 64  # nothing bigger than the [B, D] input is kept for backward
 

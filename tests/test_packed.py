@@ -89,7 +89,7 @@ def test_uint8_values_are_within_one_step_of_the_true_log_probabilities():
     true = torch.log_softmax(x, dim=1).gather(1, top.indices)
     scale = enc["logits_scale"].unsqueeze(1)
     # rounding to a code: scale / 2; rescaling the K to the exact top mass moves them all by at most scale / 2 more
-    assert ((top.log_probs() - true).abs() <= scale * (1 + 1e-4) + 1e-6).all()
+    assert ((top.log_probs() - true).abs() <= scale * (1 + 1e-4) + 1e-5 * true.abs()).all()  # float32 at |log p| ~ 10
     assert torch.equal(top.indices, x.topk(k, dim=1).indices)
     torch.testing.assert_close(top.log_tail, torch.logsumexp(torch.log_softmax(x, 1).scatter(1, top.indices, -math.inf), 1))
     bins = topk_teacher_bins(top, 4.0).exp().sum(1)
@@ -104,7 +104,7 @@ def test_uint8_keeps_a_ruled_out_class_at_probability_zero_and_equal_values_exac
     p = top.log_probs().exp()
     assert p[0, 3] == 0 and top.indices[0, 3] in (1, 2)  # a -inf class, kept last with probability 0
     torch.testing.assert_close(p[0, :3], torch.softmax(x[0], 0)[[0, 3, 4]], rtol=0.02, atol=0)
-    torch.testing.assert_close(p[1], torch.softmax(x[1], 0)[:4], rtol=1e-6, atol=0)  # scale 0: exact
+    torch.testing.assert_close(p[1], torch.softmax(x[1], 0)[:4], rtol=1e-5, atol=0)  # scale 0: exact
 
 
 def test_recoding_between_float_and_uint8_values_and_layouts_matches_encoding_directly():

@@ -135,7 +135,7 @@ def test_topk_below_c_compares_the_k_classes_and_one_tail_bucket(loss, T):
     got = losses.token_kd(s, topk(x, k), loss=loss, T=T, beta=0.3)
     s2, x2 = s.reshape(-1, C).numpy(), x.reshape(-1, C).numpy()
     expected = T * T * np.mean([np_divergence(loss, *np_bins(si, ti, k, T), beta=0.3) for si, ti in zip(s2, x2)])
-    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert got.item() == pytest.approx(expected, rel=1e-5)  # lse and tail were computed in float32
     # not the top K renormalised on both sides: the tail bucket carries mass
     renormalised = []
     for si, ti in zip(s2, x2):
