@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adamw")  # kdcache/train.py make_optimizer
 LR_SCHEDULES = ("cos", "step")  # kdcache/train.py lr_factor
 VIEW_POLICIES = ("random", "cycle")  # kdcache/augment.py TrainViews
 TOPK_RECONSTRUCTIONS = ("sparse", "dense")  # kdcache/losses.py soft_target_topk
+BUDGET_RANKS = ("fidelity", "student")  # kdcache/fidelity.py choose: by KL to the full targets, or kdcache/probe.py
 TARGETS_IN = ("auto", "memory", "gpu", "stream")  # kdcache/targets.py choose_place
 PACKINGS = ("document", "packed")  # kdcache/tokens/text.py: a sequence holds one document's tokens, or several
 LM_MODELS = ("lm_tiny", "lm_small", "lm_medium", "lm_large")  # kdcache/tokens/models.py: GPT-2 shapes by size

@@ -183,20 +183,38 @@ def verify_cmd(store, dataset, augment, data_root, tokenizer):
 @click.option("--sample", type=int, help="Store S classes drawn per view from the tempered teacher (random-sampling KD).")
 @click.option("--sample-temperature", type=float, help="--sample: the draws' temperature, the one students train at (default 4).")
 @click.option("--sample-seed", type=int, help="--sample: seed of the draws (default 0).")
-@click.option("--budget", help="Pick the encoding: the most faithful (kdcache fidelity) within 64B per sample, or a "
+@click.option("--budget", help="Pick the encoding: the best (see --rank) within 64B per sample, or a "
                                "total such as 40GB of targets over every split.")
 @click.option("--temperature", type=float, default=4.0, show_default=True,
-              help="--budget: the training temperature fidelity is measured at.")
+              help="--budget: the training temperature fidelity is measured (and probes trained) at.")
+@click.option("--rank", type=click.Choice(choices.BUDGET_RANKS), default="fidelity", show_default=True,
+              help="--budget: the candidate closest to the full targets (kdcache fidelity), or the one a probe student "
+                   "trained from each learns best from (one short run per candidate that fits).")
+@click.option("--probe-student", default="cnn_tiny", show_default=True, help="--rank student: the probe student.")
+@click.option("--probe-epochs", type=int, help="--rank student: epochs of each probe run (default: the fewest that "
+                                              "make 300 steps of train-student's batches; 1 on 20k samples).")
+@click.option("--dataset", help="--rank student: the dataset the probes train on (default: the store's, when it names "
+                                "one kdcache knows).")
+@click.option("--data-root", help="--rank student: folder holding a torchvision dataset.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST once the new one is complete.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted convert (DST.partial) of the same SRC.")
 def convert_cmd(src, dst, dtype, topk, topk_indices, sample, sample_temperature, sample_seed, budget, temperature,
-                overwrite, resume):
+                rank, probe_student, probe_epochs, dataset, data_root, overwrite, resume):
     """Re-encode a store without the teacher: another --dtype or --topk, zarr <-> HDF5 by DST's suffix."""
     from kdcache.convert import convert_store
 
+    ranker = None
+    if rank == "student":
+        from kdcache.probe import student_ranker
+
+        if budget is None:
+            raise KDCacheError("--rank student ranks the candidates of --budget; add --budget, or drop --rank")
+        ranker = student_ranker(src, student=probe_student, epochs=probe_epochs, dataset=dataset, data_root=data_root)
+    elif dataset or data_root:
+        raise KDCacheError("--dataset and --data-root feed the probes of --rank student; drop them, or add --rank student")
     out = convert_store(src, dst, dtype=dtype, topk=topk, indices=topk_indices, sample=sample,
                         sample_temperature=sample_temperature, sample_seed=sample_seed, budget=budget,
-                        temperature=temperature, overwrite=overwrite, resume=resume)
+                        temperature=temperature, ranker=ranker, overwrite=overwrite, resume=resume)
     click.echo(f"wrote {out}")
 
 

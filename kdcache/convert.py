@@ -30,7 +30,7 @@ _WRITTEN_ATTRS = ("layout", "checksums", "block_rows", "rows_written", "complete
 def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | None = None, overwrite: bool = False,
                   resume: bool = False, chunk_bytes: int | None = None, indices: str | None = None,
                   sample: int | None = None, sample_temperature: float | None = None, sample_seed: int | None = None,
-                  budget: str | None = None, temperature: float = 4.0, candidates=None) -> str:
+                  budget: str | None = None, temperature: float = 4.0, candidates=None, ranker=None) -> str:
     """Write the complete store `src` again at `dst` with logits in `dtype` / top-`topk` (None: SRC's;
     topk=0: dense) with `indices` plain or packed (None: SRC's), or as `sample` classes drawn per view
     at `sample_temperature` (default 4) with `sample_seed`; return `dst`. Zarr or HDF5 by `dst`'s suffix.
@@ -39,7 +39,9 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
     encoding: the most faithful candidate of the fidelity report (kdcache.fidelity, measured on
     SRC's train split at the training `temperature`) whose measured bytes fit; it is logged in one
     line and its figures recorded in DST's root attrs (`fidelity`). `candidates`: the encodings it
-    chooses among (fidelity.parse_candidate names; default fidelity.default_candidates).
+    chooses among (fidelity.parse_candidate names; default fidelity.default_candidates). `ranker`
+    ranks the fitting candidates another way before the choice: kdcache.probe.student_ranker(SRC)
+    trains a probe student from each (`--rank student`).
 
     Labels, view records (view_seeds, mix_partner, ...) and activations are copied as stored;
     activations change dtype only with `dtype`, to what dump-teacher would store for it (int8 and
@@ -77,7 +79,7 @@ def convert_store(src: str, dst: str, *, dtype: str | None = None, topk: int | N
                 log.info(f"{dst} is already complete; nothing to resume")
                 return dst
             if budget is not None:  # measured once DST is known to be wanted: the sample takes seconds
-                new, fidelity = _plan_budget(source, src, dst, attrs, budget, temperature, candidates)
+                new, fidelity = _plan_budget(source, src, dst, attrs, budget, temperature, candidates, ranker)
             chunk_bytes = chunk_bytes or (attrs.get("config") or {}).get("chunk_bytes") or stores.CHUNK_BYTES
             _convert(source, src, attrs, old, new, dst, action, chunk_bytes, fidelity)
     return dst
@@ -93,8 +95,9 @@ def _check_token_options(src: str, *, sample, budget) -> None:
 
 
 def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperature: float,
-                 candidates) -> tuple[LogitCodec, dict]:
-    """(DST's codec, the fidelity record for DST's attrs): the most faithful candidate within `budget`."""
+                 candidates, ranker=None) -> tuple[LogitCodec, dict]:
+    """(DST's codec, the fidelity record for DST's attrs): the best candidate within `budget`, the most
+    faithful unless `ranker` ranks them (report, bytes per sample) -> report."""
     from kdcache import fidelity
 
     amount, per_sample = fidelity.parse_budget(budget)
@@ -102,6 +105,8 @@ def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperatu
     per = amount if per_sample else amount / max(total, 1)
     report = fidelity.measure(src, temperature=temperature, candidates=candidates,
                               suffix=stores.backend_for(dst).suffixes[0])
+    if ranker is not None:
+        report = ranker(report, per)
     best, line = fidelity.choose(report, per)
     if not per_sample:
         line = f"{budget} over {total:,} samples; {line}"
@@ -109,6 +114,7 @@ def _plan_budget(source, src: str, dst: str, attrs: dict, budget: str, temperatu
     record = {"budget": budget, "budget_bytes_per_sample": per, "chosen": best["name"], "why": line,
               **{k: report[k] for k in ("split", "samples", "of", "views", "temperature", "source_dtype", "backend",
                                         "full_ece")},
+              **{k: report[k] for k in ("rank", "probe") if k in report},
               "measured_from": os.path.abspath(src), "candidates": fidelity.as_json(report)["candidates"]}
     return LogitCodec.from_attrs(best["codec"]), record
 

@@ -337,18 +337,30 @@ def parse_budget(text: str) -> tuple[float, bool]:
 
 
 def choose(report: dict, budget: float) -> tuple[dict, str]:
-    """The most faithful candidate of `report` whose measured bytes per sample fit `budget`, and one
-    line saying which and why."""
+    """The best candidate of `report` whose measured bytes per sample fit `budget`, and one line saying
+    which and why. Best: the most faithful, or, when kdcache.probe has ranked the report (rank
+    "student"), the one whose probe student scored the highest test top-1 (then the most faithful)."""
+    by_student = report.get("rank") == "student"
     entries = sorted(report["candidates"], key=_rank)
     fits = [e for e in entries if e["bytes_per_sample"] <= budget]
     if not fits:
         smallest = min(entries, key=lambda e: e["bytes_per_sample"])
         raise KDCacheError(f"no candidate fits {budget:,.1f} B/sample: the smallest, {smallest['name']}, takes "
                            f"{smallest['bytes_per_sample']:,.1f} B/sample on disk (measured); raise --budget to at least that")
+    if by_student:
+        fits.sort(key=lambda e: -e["probe_top1"])  # stable: equal top-1 keeps the more faithful first
     best = fits[0]
     t = report["temperature"]
-    runner = f"; next {fits[1]['name']} (KL {_fmt(fits[1]['kl'], '.3g')})" if len(fits) > 1 else ""
-    line = (f"budget {budget:,.1f} B/sample: {best['name']}, {best['bytes_per_sample']:,.1f} B/sample on disk, KL "
-            f"{_fmt(best['kl'], '.3g')} at T {t:g}, top-1 agreement {best['top1_agreement']:.2f}%: the most faithful of the "
-            f"{len(fits)} of {len(entries)} candidates that fit{runner}")
+    if by_student:
+        p = report["probe"]
+        score = lambda e: f"probe top-1 {e['probe_top1']:.2f}"  # noqa: E731
+        why = (f"the best probe student ({p['student']}, {p['epochs']} epoch{'s' * (p['epochs'] > 1)}, seed {p['seed']}) "
+               f"of the {len(fits)} of {len(entries)} candidates that fit")
+    else:
+        score = lambda e: f"KL {_fmt(e['kl'], '.3g')}"  # noqa: E731
+        why = f"the most faithful of the {len(fits)} of {len(entries)} candidates that fit"
+    runner = f"; next {fits[1]['name']} ({score(fits[1])})" if len(fits) > 1 else ""
+    line = (f"budget {budget:,.1f} B/sample: {best['name']}, {best['bytes_per_sample']:,.1f} B/sample on disk, "
+            f"{score(best) + ', ' if by_student else ''}KL {_fmt(best['kl'], '.3g')} at T {t:g}, top-1 agreement "
+            f"{best['top1_agreement']:.2f}%: {why}{runner}")
     return best, line

@@ -185,4 +185,6 @@ def _fidelity_lines(f: dict | None) -> list[str]:
             f"{chosen.get('bytes_per_sample', 0):,.1f} B/sample on disk, KL {kl} and TV {chosen.get('tv', 0):.4g} at "
             f"T {f['temperature']:g}, top-1 agreement {chosen.get('top1_agreement', 0):.2f}%, ECE {chosen.get('ece', 0):.4f} "
             f"(full teacher {f['full_ece']:.4f}); measured on {f['samples']:,} samples of {f['split']} against the "
-            f"{f['source_dtype']} logits of {f['measured_from']}, {len(f['candidates'])} candidates"]
+            f"{f['source_dtype']} logits of {f['measured_from']}, {len(f['candidates'])} candidates"
+            + (f"; ranked by a probe student ({f['probe']['student']}, {f['probe']['epochs']} epoch{'s' * (f['probe']['epochs'] != 1)}, seed "
+               f"{f['probe']['seed']}): test top-1 {chosen.get('probe_top1', 0):.2f}" if f.get("rank") == "student" else "")]

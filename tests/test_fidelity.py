@@ -15,7 +15,7 @@ from kdcache.losses import topk_teacher_bins
 from kdcache.report import describe_store, format_report
 from kdcache.verify import verify_store
 from helpers.synthetic_store import structured_logits, write_store
-from helpers.cli import run
+from helpers.cli import one_line, run
 
 C, N = 1000, 512
 BLOCK_BYTES = 64 * C * 4  # 64-row blocks of float32 logits: the split is 8 blocks
@@ -214,3 +214,88 @@ def test_bad_budgets_are_refused_before_anything_is_written(full_store, tmp_path
 def test_convert_budget_on_the_command_line_refuses_a_chosen_encoding_in_one_line(full_store, tmp_path, capsys):
     code, _, err = run(capsys, "convert", full_store, str(tmp_path / "x.zarr"), "--budget", "64B", "--topk", "8")
     assert code == 2 and "--budget chooses the encoding itself; drop --topk" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- ranked by a probe student
+
+
+DIGIT_CANDIDATES = ["float16", "top2-float16", "top1-float16"]
+
+
+@pytest.fixture(scope="module")
+def probed(fp32_cache) -> dict:
+    from kdcache.probe import probe_candidates
+
+    report = fidelity.measure(fp32_cache, candidates=DIGIT_CANDIDATES)
+    small = by_name(report)["top2-float16"]["bytes_per_sample"]
+    return probe_candidates(fp32_cache, report, budget=small, epochs=1)
+
+
+def test_a_probe_is_a_real_run_of_the_student_from_each_candidate(probed, fp32_cache, tmp_path):
+    from kdcache import train_student
+    from kdcache.probe import PROBE_SEED, PROBE_STUDENT
+
+    got = by_name(probed)
+    assert got["float16"]["probe_top1"] is None  # it does not fit the budget: no probe spent on it
+    assert probed["rank"] == "student" and probed["probe"] == {"student": PROBE_STUDENT, "epochs": 1, "seed": PROBE_SEED}
+    top1 = convert_store(fp32_cache, tmp_path / "top1.zarr", topk=1, dtype="float16")
+    again = train_student(cache=top1, students=[PROBE_STUDENT], epochs=1, seed=PROBE_SEED, temperature=4.0,
+                          out=str(tmp_path / "run"))
+    assert got["top1-float16"]["probe_top1"] == pytest.approx(again[0]["top1"], abs=1e-9)
+
+
+def test_ranked_by_students_the_best_probe_wins_whatever_its_fidelity(probed):
+    report = json.loads(json.dumps(probed))
+    fits = [e for e in report["candidates"] if e["probe_top1"] is not None]
+    least = max(fits, key=lambda e: e["kl"])  # the least faithful that fits gets the best probe
+    for e in fits:
+        e["probe_top1"] = 90.0 if e is least else 10.0
+    best, line = fidelity.choose(report, max(e["bytes_per_sample"] for e in fits))
+    assert best is least and f"probe top-1 90.00" in line and "the best probe student (cnn_tiny, 1 epoch" in line
+    report.pop("rank")
+    assert fidelity.choose(report, max(e["bytes_per_sample"] for e in fits))[0] is not least  # by fidelity
+
+
+def test_convert_rank_student_on_the_command_line_records_the_probes(fp32_cache, tmp_path, capsys):
+    dst = tmp_path / "b.zarr"
+    code, out, err = run(capsys, "convert", fp32_cache, dst, "--budget", "24B", "--rank", "student",
+                         "--probe-epochs", "1")
+    assert code == 0, err
+    probes = [line for line in out.splitlines() if line.startswith("probe ")]
+    f = stores.open_store(str(dst)).get_attrs()["fidelity"]
+    fits = [e for e in f["candidates"] if e["bytes_per_sample"] <= 24]
+    assert len(probes) == len(fits) > 1 and f["rank"] == "student"
+    chosen = next(e for e in f["candidates"] if e["name"] == f["chosen"])
+    assert chosen["probe_top1"] == max(e["probe_top1"] for e in fits)
+    code, out, _ = run(capsys, "inspect", dst)
+    assert code == 0 and "ranked by a probe student (cnn_tiny, 1 epoch, seed 1000)" in out
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--rank", "student"], "--rank student ranks the candidates of --budget; add --budget"),
+    (["--budget", "24B", "--dataset", "digits"], "--dataset and --data-root feed the probes of --rank student"),
+    (["--budget", "24B", "--rank", "student", "--probe-epochs", "0"], "--probe-epochs 0 must be a positive"),
+    (["--budget", "24B", "--rank", "student", "--probe-student", "nope"], "nope"),
+])
+def test_probe_options_out_of_place_are_one_line(fp32_cache, tmp_path, capsys, argv, hint):
+    code, _, err = run(capsys, "convert", fp32_cache, tmp_path / "x.zarr", *argv)
+    assert code == 2 and hint in one_line(err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_probes_train_on_the_stores_own_dataset_never_on_code_it_names():
+    from kdcache.probe import _dataset_of
+
+    stored = {"train": {"dataset": {"name": "digit-pairs:size=200"}}, "config": {"data_root": "/data"}}
+    assert _dataset_of("s.zarr", stored, None, None) == ("digit-pairs:size=200", "/data")
+    assert _dataset_of("s.zarr", stored, "fake:size=8", None) == ("fake:size=8", None)  # the user's, as given
+    with pytest.raises(KDCacheError, match="pass the probes' data with --dataset"):
+        _dataset_of("s.zarr", {"train": {"dataset": {"name": "os:system"}}}, None, None)
+
+
+def test_a_probe_trains_long_enough_to_learn_something_by_default():
+    from kdcache.probe import PROBE_STEPS, auto_epochs
+
+    assert auto_epochs(20_000) == 1  # digit-pairs: 313 steps of 64 in one epoch
+    assert auto_epochs(1_437) == 14 and 14 * 23 >= PROBE_STEPS > 13 * 23  # digits: 23 steps an epoch
+    assert auto_epochs(1) == PROBE_STEPS
