@@ -69,15 +69,32 @@ def _verify_split(store, split: str, attrs: dict, named: dict, tokenizer=None) -
         array = store.array(f"{split}/{name}")
         if array.shape[0] != n:
             problems.append(f"{split}/{name}: {array.shape[0]} rows, expected {n}")
-        problems += _verify_blocks(array, block, f"{split}/{name}", checksums.get(name))
+        problems += _verify_blocks(array, block, f"{split}/{name}", checksums.get(name), _float_bits(name, attrs),
+                                   minus_inf_ok=name in RULED_OUT_OK)
     if attrs.get("kind") == "tokens":
         return problems + _verify_tokens(store, split, dataset, attrs, named, tokenizer)
     problems += _verify_data(store, split, dataset, attrs, split_attrs, named)
     return problems
 
 
-def _verify_blocks(array, rows: int, label: str, recorded: list | None) -> list[str]:
-    """Each block of `rows` rows against the checksum its writer recorded."""
+# -inf is a class the teacher ruled out (probability 0, kept with --allow-nonfinite), and a tail of
+# nothing: every top-K = C row, or a tail of ruled-out classes. NaN and +inf are never valid targets.
+RULED_OUT_OK = ("logits", "log_tail")
+
+
+def _float_bits(name: str, attrs: dict) -> str | None:
+    """"bfloat16" for an array stored as bfloat16's bits in uint16, whose values verify must decode to check."""
+    if name == "logits" and attrs.get("dtype") == "bfloat16":
+        return "bfloat16"
+    if name.startswith("activations/") and attrs.get("activation_dtype", attrs.get("dtype")) == "bfloat16":
+        return "bfloat16"
+    return None
+
+
+def _verify_blocks(array, rows: int, label: str, recorded: list | None, float_bits: str | None = None, *,
+                   minus_inf_ok: bool = False) -> list[str]:
+    """Each block of `rows` rows against the checksum its writer recorded, and its floats for NaN and inf
+    (-inf allowed where `minus_inf_ok`; `float_bits`: the float type of integer-stored bits)."""
     if recorded is None:
         return [f"{label}: no block checksums recorded"]
     problems = []
@@ -93,10 +110,23 @@ def _verify_blocks(array, rows: int, label: str, recorded: list | None) -> list[
         elif chunk_checksum(values) != expected:
             problems.append(f"{label}: block {i} (rows {start}-{start + rows - 1}) does not match its checksum "
                             "(changed, or missing and read as the fill value)")
-        elif values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad = start + int(np.argwhere(~np.isfinite(values.reshape(len(values), -1)).all(1))[0][0])
-            problems.append(f"{label}: non-finite values, first at row {bad}")
+        else:
+            floats = _as_float(values, float_bits)
+            if floats is None:
+                continue
+            bad = np.isnan(floats) | (floats == np.inf) if minus_inf_ok else ~np.isfinite(floats)
+            if bad.any():
+                row = start + int(np.argwhere(bad.reshape(len(bad), -1).any(1))[0][0])
+                what = "NaN or +inf" if minus_inf_ok else "non-finite"
+                problems.append(f"{label}: {what} values, first at row {row}")
     return problems
+
+
+def _as_float(values: np.ndarray, float_bits: str | None) -> np.ndarray | None:
+    """Stored values as floats to check, or None when they are not floats (indices, codes, labels)."""
+    if float_bits == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's upper half
+    return values if values.dtype.kind == "f" else None
 
 
 def _verify_data(store, split: str, dataset: dict, attrs: dict, split_attrs: dict, named: dict) -> list[str]:

@@ -147,6 +147,42 @@ def test_int8_refuses_infinite_logits_and_topk_keeps_a_ruled_out_class_at_probab
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
+class _Rules(torch.nn.Module):
+    """A digits teacher that rules class 7 out (-inf), or gives every row a NaN at class 7."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.fc, self.value = torch.nn.Linear(3 * 64, C), value
+
+    def forward(self, x):
+        out = self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+        out[:, 7] = self.value
+        return out
+
+
+def rules_out_a_class(num_classes=C, in_chans=3):
+    return _Rules(float("-inf"))
+
+
+def gives_nan(num_classes=C, in_chans=3):
+    return _Rules(float("nan"))
+
+
+def test_verify_passes_ruled_out_classes_and_empty_tails_and_finds_nan_also_in_bfloat16(teacher_ckpt, tmp_path):
+    from kdcache.verify import verify_store
+
+    # K = C: no tail, so every row's log_tail is -inf (verify used to call every such store damaged)
+    whole = dump_teacher(teacher=teacher_ckpt, dataset="digits", out=str(tmp_path / "k10.zarr"), topk=C, splits=["test"])
+    assert verify_store(whole) == []
+    kept = dict(dataset="digits", splits=["test"], random_teacher=True, allow_nonfinite=True)
+    for i, options in enumerate([dict(dtype="float16"), dict(dtype="bfloat16"), dict(topk=C - 1)]):  # the tail: class 7
+        store = dump_teacher(teacher="test_exact_targets:rules_out_a_class", out=str(tmp_path / f"{i}.zarr"),
+                             **kept, **options)
+        assert verify_store(store) == [], options
+    nan = dump_teacher(teacher="test_exact_targets:gives_nan", out=str(tmp_path / "nan.zarr"), dtype="bfloat16", **kept)
+    assert verify_store(nan) == ["test/logits: NaN or +inf values, first at row 0"]  # bfloat16 is stored as bits
+
+
 # ---------------------------------------------------------------------------- autocast
 
 
