@@ -171,6 +171,8 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
         decoded = old.decode(tensors)
         if old.topk is not None:  # K == C (target_codec refuses K < C): every logit is there, in top-K order
             decoded = decoded.dense()
+        if new.topk is None and new.sample is None:  # dense floats: float16 turns logits above 65504 into inf
+            _refuse_overflow("logits", decoded, new.dtype)
         recoded = new.encode(decoded)
     return {name: to_storage(t, new.arrays()[name][1]) for name, t in recoded.items()}
 
@@ -315,7 +317,17 @@ def _cast_activation(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.n
     t = from_storage(values, stores.STORAGE_DTYPES[from_dtype][0])
     if from_dtype == "bfloat16":
         t = t.view(torch.bfloat16)
+    _refuse_overflow("activations", t.float(), to_dtype)
     return to_storage(round_float(t.float(), to_dtype), stores.STORAGE_DTYPES[to_dtype][0])
+
+
+def _refuse_overflow(what: str, values: torch.Tensor, dtype: str) -> None:
+    """Stop where finite values [R, ...] would be stored as inf in `dtype` (float16 above 65504), as a dump does."""
+    lost = encodings.overflowed(values.flatten(1), dtype)
+    if lost.any():
+        peak = float(values[lost].abs().max())
+        raise KDCacheError(f"SRC's {what} reach {peak:.4g}, which {dtype} stores as inf; convert with --dtype bfloat16 "
+                           "or float32 (float32's range) and --overwrite (the partial DST this convert left holds the old dtype)")
 
 
 def _check_resumable(out, root_attrs: dict) -> None:

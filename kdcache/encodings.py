@@ -809,4 +809,5 @@ def check_stored(what: str, source: torch.Tensor, decoded: torch.Tensor | None, 
         row = first_row + int(lost.nonzero()[0])
         peak = float(source[lost][0].abs().max())
         raise KDCacheError(f"teacher {what} for sample {row} reaches {peak:.4g}, which {dtype} stores as inf; "
-                           "dump with --dtype bfloat16 or float32 (same range as the teacher's float32)")
+                           "dump with --dtype bfloat16 or float32 (same range as the teacher's float32) and --overwrite "
+                           "(the partial store this dump left holds the old dtype)")

@@ -111,6 +111,23 @@ def test_logits_beyond_float16s_range_stop_the_dump_instead_of_storing_inf(teach
     assert torch.isfinite(open_cache(store)["test"].logits).all()
 
 
+def test_convert_to_float16_stops_at_logits_or_activations_beyond_its_range(teacher_ckpt, tmp_path):
+    loud = _scaled_teacher(teacher_ckpt, str(tmp_path / "loud.pt"), 1e5)
+    wide = dump_teacher(teacher=loud, dataset="digits", out=str(tmp_path / "b.zarr"), splits=["test"], dtype="bfloat16")
+    with pytest.raises(KDCacheError, match="SRC's logits reach .* float16 stores as inf; convert with --dtype bfloat16"):
+        convert_store(wide, str(tmp_path / "h.zarr"), dtype="float16")
+    assert not os.path.exists(tmp_path / "h.zarr")
+    convert_store(wide, str(tmp_path / "h.zarr"), dtype="float16", topk=4, overwrite=True)  # log-probabilities fit
+    assert torch.isfinite(open_cache(str(tmp_path / "h.zarr"))["test"].logits.values).all()
+    model = model_from_checkpoint(load_checkpoint(teacher_ckpt))
+    first_conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    bright = _scaled_teacher(teacher_ckpt, str(tmp_path / "bright.pt"), 1e6, layer=first_conv)
+    acts = dump_teacher(teacher=bright, dataset="digits", out=str(tmp_path / "a.zarr"), splits=["test"], dtype="float32",
+                        activations=[first_conv], allow_nonfinite=True)
+    with pytest.raises(KDCacheError, match="SRC's activations reach .* float16 stores as inf"):
+        convert_store(acts, str(tmp_path / "a16.zarr"), dtype="float16", topk=4)
+
+
 def test_activations_are_checked_too_for_float16_overflow_and_nonfinite_values(teacher_ckpt, tmp_path):
     from kdcache.models import get_module
 
