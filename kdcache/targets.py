@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kdcache import store as stores
-from kdcache.encodings import LogitCodec, from_storage
+from kdcache.encodings import LogitCodec, activation_dtype, from_storage
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
 
@@ -36,9 +36,12 @@ def _stored(reads, name: str, device) -> torch.Tensor:
     return from_storage(values, str(values.dtype)).to(device)
 
 
-def _read_names(codec: LogitCodec, activations: list) -> list[str]:
-    """The arrays (relative to the split) a load of its targets reads: logits, the named activations, labels."""
-    return [*codec.arrays(), *(f"activations/{n}" for n in activations), "labels"]
+def _checked_reads(store, split: str, codec: LogitCodec, activations: list, attrs: dict) -> stores.CheckedReads:
+    """The checked reads of a load of the split's targets: logits, the named activations, labels,
+    each of the storage dtype the root attrs say."""
+    act_dtype = stores.STORAGE_DTYPES[attrs.get("activation_dtype") or activation_dtype(codec.dtype)][0]
+    dtypes = {**{k: dt for k, (_, dt) in codec.arrays().items()}, **{f"activations/{n}": act_dtype for n in activations}}
+    return stores.CheckedReads(store, split, [*dtypes, "labels"], dtypes=dtypes)
 
 
 class SplitTargets:
@@ -59,9 +62,9 @@ class SplitTargets:
         self.split = split
         self.attrs = store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
-        names = [n for n in attrs.get("activations", {}) if (activations is None or n in activations)
-                 and store.has_array(f"{split}/activations/{n}")]
-        reads = stores.CheckedReads(store, split, _read_names(self.codec, names))
+        # every split of a dump holds every activation the root attrs name: one that is absent is refused
+        names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
+        reads = _checked_reads(store, split, self.codec, names, attrs)
         self.tables = {name: _stored(reads, name, device) for name in self.codec.arrays()}  # [N, V, ...]
         act_encoding = activation_encoding(attrs)
         self.activations = {name: decode(reads.read(f"activations/{name}"), act_encoding).to(device) for name in names}
@@ -123,11 +126,10 @@ class StreamedSplit:
         self.attrs = self._store.get_attrs(split)
         self.codec = LogitCodec.from_attrs(attrs)
         self.block_rows = stores.block_rows_of(self._store, split)
+        self.activations = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
+        self._reads = _checked_reads(self._store, split, self.codec, self.activations, attrs)
         logits = self._store.array(f"{split}/logits")
         self.n, self.views = logits.shape[0], logits.shape[1]
-        names = [n for n in attrs.get("activations", {}) if activations is None or n in activations]
-        self.activations = [n for n in names if self._store.has_array(f"{split}/activations/{n}")]
-        self._reads = stores.CheckedReads(self._store, split, _read_names(self.codec, self.activations))
         self.labels = torch.from_numpy(np.asarray(self._reads.read("labels"), dtype=np.int64))
         self._act_encoding = activation_encoding(attrs)
 
@@ -293,10 +295,9 @@ class Cache:
         """Bytes the split's targets take in memory, as stored (what SplitTargets would hold)."""
         with stores.open_store(self.path) as store:
             names = list(LogitCodec.from_attrs(self.attrs).arrays())
-            names += [f"activations/{n}" for n in self.attrs.get("activations", {})
-                      if (activations is None or n in activations) and store.has_array(f"{split}/activations/{n}")]
+            names += [f"activations/{n}" for n in self.attrs.get("activations", {}) if activations is None or n in activations]
             total = 0
-            for name in names:
+            for name in filter(lambda name: store.has_array(f"{split}/{name}"), names):  # an absent one: the load refuses it
                 a = store.array(f"{split}/{name}")
                 total += int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
             return total

@@ -297,3 +297,70 @@ def test_replayed_views_read_their_seeds_checked_too(view_cache, tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and "train/view_seeds block 0" in err and "kdcache verify" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "cnn_tiny" / "model.pt").exists()
+
+
+def edit_split_attrs(path: str, edit) -> None:
+    import zarr
+
+    node = zarr.open_group(path, mode="r+")["train"]
+    attrs = dict(node.attrs)
+    edit(attrs)
+    node.attrs.put(attrs)
+
+
+RECORDS = {  # a hand edit of the split's records -> what the one line says
+    "checksums not a mapping": (lambda a: a.update(checksums=7), "records its checksums as int"),
+    "checksums of logits a string": (lambda a: a["checksums"].update(logits="abc"),
+                                     "records the checksums of logits as str"),
+    "block_rows 0": (lambda a: a.update(block_rows=0), "records block_rows 0"),
+    "block_rows text": (lambda a: a.update(block_rows="1437"), "records block_rows '1437'"),
+}
+
+
+@pytest.mark.parametrize("case", RECORDS)
+@pytest.mark.parametrize("place", ["memory", "stream"])
+def test_records_edited_into_another_form_are_one_line(case, place, fp32_cache, tmp_path, capsys):
+    edit, expected = RECORDS[case]
+    path = copy_of(fp32_cache, tmp_path)
+    edit_split_attrs(path, edit)
+    code, err = run_cli(capsys, "train-student", "--cache", path, *TRAIN, "--targets-in", place,
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and expected in err and f"kdcache verify {path}" in err, err
+
+
+def edit_array_metadata(path: str, array: str, **fields) -> None:
+    import json
+
+    name = os.path.join(path, array, "zarr.json")
+    doc = json.load(open(name))
+    doc.update(fields)
+    json.dump(doc, open(name, "w"))
+
+
+@pytest.mark.parametrize("place", ["memory", "stream"])
+def test_an_array_whose_dtype_was_edited_is_refused_though_its_bytes_match_their_checksums(place, fp32_cache,
+                                                                                           tmp_path, capsys):
+    # the same bytes read as int32 would train on other numbers under the recorded checksums
+    path = copy_of(fp32_cache, tmp_path)
+    edit_array_metadata(path, "train/logits", data_type="int32")
+    code, err = run_cli(capsys, "train-student", "--cache", path, *TRAIN, "--targets-in", place,
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "train/logits is stored as int32, but the store's encoding says float32" in err, err
+
+
+@pytest.mark.parametrize("place", ["memory", "stream"])
+def test_a_missing_array_is_one_line_naming_it(place, fp32_cache, tmp_path, capsys):
+    path = copy_of(fp32_cache, tmp_path)
+    shutil.rmtree(os.path.join(path, "train", "logits"))
+    code, err = run_cli(capsys, "train-student", "--cache", path, *TRAIN, "--targets-in", place,
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "train/logits is missing from the store" in err, err
+
+
+@pytest.mark.parametrize("place", ["memory", "stream"])
+def test_a_missing_activation_is_refused_not_left_out_of_the_targets(place, blocks_cache, tmp_path):
+    path = copy_of(blocks_cache, tmp_path)
+    shutil.rmtree(os.path.join(path, "train", "activations", "layer1"))
+    with pytest.raises(KDCacheError, match="train/activations/layer1 is missing from the store"):
+        open_cache(path).targets("train", activations=["layer1"], place=place)

@@ -25,15 +25,21 @@ class CheckedReads:
     array is read once. Before any read, a split that is not whole is refused, and pieces that were
     never stored (which both backends read as zeros) are looked for in one listing per array.
 
-    `names`: the arrays that will be read, relative to the split. A schema-1 split (written before
-    blocks) has no checksums: it is read unchecked, a chunk's rows standing for a block, except that an
-    absent piece of a float array is refused (no teacher output is a chunk of exact zeros; labels can be).
+    `names`: the arrays that will be read, relative to the split. `dtypes`: {name: storage dtype}
+    that the root attrs say an array holds; an array whose own metadata says another is refused, as
+    its bytes (and their checksum) are unchanged but would decode as other numbers. A schema-1 split
+    (written before blocks) has no checksums: it is read unchecked, a chunk's rows standing for a
+    block, except that an absent piece of a float array is refused (no teacher output is a chunk of
+    exact zeros; labels can be).
     """
 
-    def __init__(self, store, split: str, names):
+    def __init__(self, store, split: str, names, *, dtypes: dict | None = None):
         self.store, self.split, self.names = store, split, list(names)
         attrs = store.get_attrs(split)
         self.checked = attrs.get("block_rows") is not None
+        self._check_arrays(dtypes or {})
+        if self.checked:
+            self._check_records(attrs)
         first = store.array(f"{split}/{self.names[0]}")
         # rows per read: a block, or (schema 1) the first array's chunk
         self.block_rows = attrs["block_rows"] if self.checked else (first.chunks or first.shape)[0]
@@ -106,6 +112,30 @@ class CheckedReads:
             raise self._damaged(name, b, "does not match the checksum recorded when it was written "
                                          "(changed, or copied from another store)")
 
+    def _check_arrays(self, dtypes: dict) -> None:
+        for name in self.names:
+            path = f"{self.split}/{name}"
+            if not self.store.has_array(path):
+                raise self._error(f"{path} is missing from the store")
+            stored, expected = np.dtype(self.store.array(path).dtype), dtypes.get(name)
+            if expected is not None and stored != np.dtype(expected):
+                raise self._error(f"{path} is stored as {stored}, but the store's encoding says {expected} "
+                                  "(its metadata was edited)")
+
+    def _check_records(self, attrs: dict) -> None:
+        """The records the checks stand on have the form their writer gives them (a hand edit or
+        another tool could leave anything there)."""
+        rows, sums = attrs["block_rows"], attrs.get("checksums", {})
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise self._error(f"split '{self.split}' records block_rows {rows!r}, not a whole number of rows above 0")
+        if not isinstance(sums, dict):
+            raise self._error(f"split '{self.split}' records its checksums as {type(sums).__name__}, "
+                              "not {array: [crc32 per block]}")
+        for name in self.names:
+            if name in sums and not isinstance(sums[name], list):
+                raise self._error(f"split '{self.split}' records the checksums of {name} as "
+                                  f"{type(sums[name]).__name__}, not a list of crc32 per block")
+
     def _check_recorded(self, attrs: dict) -> None:
         """Refuse a split without a checksum for every block of every array read: a store marked
         complete by hand, or by a tool other than kdcache, over a dump that never finished."""
@@ -143,10 +173,12 @@ class CheckedReads:
 
     def _damaged(self, name: str, b: int, what: str) -> KDCacheError:
         start, stop = self._rows(self.store.array(f"{self.split}/{name}"), b)
+        return self._error(f"{self.split}/{name} block {b} (rows {start}-{stop - 1}) {what}")
+
+    def _error(self, what: str) -> KDCacheError:
         fix = (f"run kdcache verify {self.store.path} to list every damaged block, then dump the teacher again"
                if self.checked else "dump the teacher again (a store written before block checksums cannot be verified)")
-        return KDCacheError(f"cache '{self.store.path}': {self.split}/{name} block {b} (rows {start}-{stop - 1}) "
-                            f"{what}; {fix}")
+        return KDCacheError(f"cache '{self.store.path}': {what}; {fix}")
 
     def _refuse(self, why: str):
         path = self.store.path
