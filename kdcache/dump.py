@@ -297,7 +297,9 @@ def _check_resumable(store, attrs: dict, splits) -> None:
     if old.get("schema_version") != stores.SCHEMA_VERSION:
         raise KDCacheError(f"cannot resume '{store.path}': it was started by another kdcache version (schema "
                            f"{old.get('schema_version')}, this one writes {stores.SCHEMA_VERSION}); pass --overwrite to start over")
-    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment", "tokens"):
+    # autocast: a dump started under float16 autocast on a GPU and resumed on the CPU (or with another --amp)
+    # would hold rows of two precisions under one record
+    for key in ("teacher", "splits", "dtype", "topk", "encoding", "activations", "views", "augment", "tokens", "autocast"):
         if old.get(key) != attrs.get(key):
             raise KDCacheError(f"cannot resume '{store.path}': its {key} differs from this run's "
                                f"({old.get(key)} vs {attrs.get(key)}); pass --overwrite to start over")

@@ -94,6 +94,19 @@ def test_resume_refuses_a_different_encoding(teacher_ckpt, tmp_path):
         dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, resume=True)
 
 
+def test_resume_refuses_a_dump_started_in_another_precision(teacher_ckpt, fp32_cache, tmp_path):
+    import shutil
+
+    import zarr
+
+    out = str(tmp_path / "c.zarr")
+    shutil.copytree(fp32_cache, out + ".partial")
+    # as if started under float16 autocast on a GPU (--amp), and resumed here on the CPU in float32
+    zarr.open_group(out + ".partial", mode="r+").attrs.update({"complete": False, "autocast": "float16"})
+    with pytest.raises(KDCacheError, match="cannot resume .*its autocast differs from this run's \\(float16 vs None\\)"):
+        dump_teacher(teacher=teacher_ckpt, dataset="digits", out=out, dtype="float32", resume=True)
+
+
 def test_overwrite_replaces_a_store_only_once_the_new_one_is_whole(teacher_ckpt, fp32_cache, tmp_path):
     out = str(tmp_path / "c.zarr")
     dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out)
@@ -101,6 +114,33 @@ def test_overwrite_replaces_a_store_only_once_the_new_one_is_whole(teacher_ckpt,
         dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out)
     dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["train"], out=out, overwrite=True)
     assert set(open_cache(out).splits) == {"train"} and not os.path.exists(out + ".partial")
+
+
+def test_a_reader_during_overwrite_finds_the_old_store_or_the_new_one_never_half_deleted(teacher_ckpt, tmp_path,
+                                                                                          monkeypatch):
+    from kdcache.store import lifecycle
+
+    out = str(tmp_path / "c.zarr")
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out, dtype="float32")
+    old = open_cache(out)["test"].logits.clone()
+    real_remove, seen = lifecycle.remove_store, []
+
+    def slow_remove(path):  # deletes file by file, and a reader opens OUT after each deletion
+        for root, _, files in os.walk(path):
+            for name in files:
+                os.remove(os.path.join(root, name))
+                try:
+                    seen.append(open_cache(out)["test"].logits.clone())
+                except Exception as e:
+                    seen.append(e)
+        real_remove(path)
+
+    monkeypatch.setattr(lifecycle, "remove_store", slow_remove)
+    dump_teacher(teacher=teacher_ckpt, dataset="digits", splits=["test"], out=out, dtype="float16", overwrite=True)
+    new = open_cache(out)["test"].logits
+    assert seen and all(isinstance(s, torch.Tensor) and (torch.equal(s, old) or torch.equal(s, new)) for s in seen), \
+        [s for s in seen if not isinstance(s, torch.Tensor)][:1]
+    assert sorted(os.listdir(tmp_path)) == ["c.zarr"]  # the old store moved aside is gone too
 
 
 def test_non_finite_teacher_output_stops_the_dump_naming_the_sample(tmp_path):

@@ -199,9 +199,15 @@ def publish(partial: str, path: str) -> None:
     if is_url(path):
         assert partial == path, (partial, path)
         return
-    if os.path.exists(path):  # --overwrite: the old store goes only once the new one is complete
-        remove_store(path)
+    if not os.path.isdir(path):  # an HDF5 file, or nothing: one atomic rename (an open reader keeps the old file)
+        os.replace(partial, path)
+        return
+    # --overwrite of a Zarr directory, which no rename can replace: moved aside first, so that a reader
+    # finds the old store, the new one, or (between two renames) none, never one half deleted
+    old = f"{path}.replaced-{os.getpid()}"
+    os.replace(path, old)
     os.replace(partial, path)
+    remove_store(old)
 
 
 def translate_errors(path: str, write: bool = True):
