@@ -53,6 +53,10 @@ def lr_factor(kind: str, pos: float) -> float:
 
 # --- one epoch, evaluation -----------------------------------------------------------------
 
+# (objective part, label): what the bar, the progress lines and the epoch line show of the loss
+LOSS_PARTS = (("loss", "loss"), ("task_loss", "task"), ("kd_loss", "kd"), ("feature_loss", "feature"))
+
+
 def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
                     alpha_schedule: Schedule | None, device, feature_kd: features.FeatureKD | None = None,
                     feature_schedule: Schedule | None = None, dist: distributed.Dist = distributed.Dist(),
@@ -98,8 +102,9 @@ def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
             step_losses.append(values["loss"])
-            if progress is not None:  # the loss is read (a device sync) only when the bar or a line shows it
-                progress.update(len(y), loss=lambda: float(values["loss"]))
+            if progress is not None:  # the losses are read (a device sync) only when the bar or a line shows them
+                progress.update(len(y), **{label: (lambda v=values[key]: float(v)) for key, label in LOSS_PARTS
+                                           if key in values})
     names = sorted(sums)
     totals = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
                                                      for k in names] + [torch.tensor(float(seen), dtype=torch.float64,
@@ -363,8 +368,7 @@ def _predict(model, loader, device) -> torch.Tensor:
 
 def epoch_line(name: str, kind: str, epochs: int, m: dict, seconds: float) -> str:
     """One plain line per epoch: losses by part, test top-1, agreement with the teacher, seconds."""
-    parts = [f"task {m['task_loss']:.4f}"] + [f"{label} {m[key]:.4f}" for key, label in
-                                                (("kd_loss", "kd"), ("feature_loss", "feature")) if key in m]
+    parts = [f"{label} {m[key]:.4f}" for key, label in LOSS_PARTS[1:] if key in m]
     agree = f"  agree {m['agreement']:6.2f}" if m.get("agreement") is not None else ""
     return (f"{name} {kind} epoch {m['epoch']}/{epochs}: loss {m['loss']:.4f} ({', '.join(parts)})  "
             f"top1 {m['top1']:6.2f}{agree}  {seconds:.1f}s")

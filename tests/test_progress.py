@@ -54,3 +54,28 @@ def test_progress_lines_are_rate_limited_and_read_lazy_values_only_when_shown(ca
     lines = capsys.readouterr().out.splitlines()
     assert 0 < len(lines) < 10 and all(line.startswith("work: ") and "loss 0.5" in line for line in lines)
     assert len(reads) == len(lines)  # the value was computed only for the lines shown
+
+
+def test_a_trainings_progress_lines_show_the_loss_by_part(fp32_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)  # every batch may print: what a long epoch does every 10 s
+    train_student(students=["cnn_tiny"], cache=fp32_cache, epochs=1, out=str(tmp_path))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "samples/s" in line]
+    assert lines and all(re.match(r"^cnn_tiny kd epoch 1/1: [\d,]+/1,437 samples \(\d+%\), [\d,]+ samples/s, ETA \S+, "
+                                  r"loss [\d.e-]+, task [\d.e-]+, kd [\d.e-]+$", line) for line in lines), lines
+
+
+def test_on_a_terminal_progress_is_a_bar_with_rate_eta_and_the_values_given(capsys, monkeypatch):
+    import itertools
+
+    import tqdm.std
+
+    clock = itertools.count(0.0, 3.0)  # every call to a clock is 3 s later: the bar redraws at each update
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    with progress.Progress(100, "work") as p:
+        for _ in range(10):
+            p.update(10, loss=lambda: 0.5, task=0.25)
+    drawn = capsys.readouterr().out.split("\r")
+    assert any(re.match(r"work:  50%.*\[[\d:]+<[\d:]+, .*samples.*, loss=0.5, task=0.25\]", bar) for bar in drawn), drawn
+    assert not any(line.startswith("work: ") and "ETA" in line for line in drawn)  # a bar, not plain lines

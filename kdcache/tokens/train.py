@@ -32,7 +32,7 @@ from kdcache.progress import Progress, log
 from kdcache.schedules import Schedule
 from kdcache.targets import SplitTargets, StreamedSplit, choose_place
 from kdcache.tokens import models, text
-from kdcache.train import lr_factor, make_optimizer
+from kdcache.train import LOSS_PARTS, lr_factor, make_optimizer
 
 SUMMARY_COLUMNS = ["student", "kind", "params", "epochs", "perplexity", "top1", "agreement", "teacher_perplexity",
                    "teacher_top1", "tokens_per_s", "seconds", "folder"]
@@ -243,7 +243,8 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
                         sums[k] += float(parts[k].detach()) if k in parts else 0.0
                     step += 1
                     tokens_seen += int(mask.sum())
-                    bar.update(len(rows), loss=loss)
+                    bar.update(len(rows), **{label: float(parts[key].detach()) for key, label in LOSS_PARTS
+                                             if key in parts})
             m = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
                  **evaluate_lm(model, setup.test, device, cfg.batch_size)}
             m["seconds"] = round(time.perf_counter() - started, 2)
