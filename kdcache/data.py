@@ -320,9 +320,10 @@ TORCHVISION = {
 
 
 def _imagefolder(path: str, split: str, image: int | None = None) -> SplitData:
-    """A folder of one subfolder per split, one sub-subfolder per class. Images are resized to
-    `image` (image=S) pixels on the short side and centre-cropped to S x S; without it, S is the
-    first image's short side (a 32x32 folder stays 32x32: a silent 224 trained at chance)."""
+    """A folder of one subfolder per split, one sub-subfolder per class; labels number the class names
+    of all splits, so a split may lack a class. Images are resized to `image` (image=S) pixels on the
+    short side and centre-cropped to S x S; without it, S is the first image's short side (a 32x32
+    folder stays 32x32: a silent 224 trained at chance)."""
     from torchvision import datasets, transforms
 
     if not os.path.isdir(path):
@@ -331,7 +332,17 @@ def _imagefolder(path: str, split: str, image: int | None = None) -> SplitData:
     if not os.path.isdir(folder):
         found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         raise KDCacheError(f"imagefolder '{path}' has no split '{split}'; its splits are {', '.join(found) or 'none'}")
-    ds = datasets.ImageFolder(folder, loader=_load_image)
+    try:
+        ds = datasets.ImageFolder(folder, loader=_load_image)
+    except FileNotFoundError as e:  # torchvision's: no class folder, or no image in any of them
+        raise KDCacheError(f"imagefolder split '{folder}' holds no images ({str(e).rstrip('.')}); put each class's "
+                           f"images in {folder}/<class>/") from None
+    # one label per class name in every split: a test split without 'bird' must not call 'cat' class 0
+    classes = sorted({c.name for d in os.scandir(path) if d.is_dir() for c in os.scandir(d.path) if c.is_dir()})
+    label = [classes.index(c) for c in ds.classes]  # this split's class index -> the label
+    ds.samples = ds.imgs = [(p, label[t]) for p, t in ds.samples]
+    ds.targets = [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = classes, {c: i for i, c in enumerate(classes)}
     if image is None:
         from PIL import Image
 

@@ -65,6 +65,25 @@ def test_imagefolder_reads_splits_and_names_missing_ones(tmp_path):
         load_split(f"imagefolder:{tmp_path}", "test")
 
 
+def test_imagefolder_labels_a_class_alike_in_every_split_even_where_one_lacks_a_class(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("bird", "cat", "dog")), ("test", ("cat", "dog"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / "a.png")
+    test = load_split(f"imagefolder:{tmp_path}", "test")
+    assert test.class_names == ["bird", "cat", "dog"] and test.num_classes == 3
+    assert list(test.labels) == [1, 2] and [test.dataset[i][1] for i in range(2)] == [1, 2]  # cat is 1, as in train
+
+
+@pytest.mark.parametrize("made", ["train", "train/cat"])
+def test_an_imagefolder_split_without_images_is_one_line(made, tmp_path):
+    (tmp_path / made).mkdir(parents=True)
+    with pytest.raises(KDCacheError, match=r"holds no images \(.*\); put each class's images in .*train/<class>/$"):
+        load_split(f"imagefolder:{tmp_path}", "train")
+
+
 @pytest.mark.parametrize("spec,split,match", [
     ("digitz", "train", "did you mean digits"),
     ("digits", "validation", "splits are train, test"),
