@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache import store as stores
+from kdcache.encodings import LogitCodec, activation_dtype
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
 from kdcache.store.records import chunk_checksum
@@ -65,6 +66,13 @@ def _verify_split(store, split: str, attrs: dict, named: dict, tokenizer=None) -
     block = split_attrs.get("block_rows")
     if block is None:
         return problems + [f"split '{split}': no block size recorded (interrupted before its arrays were made?)"]
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        return problems + [f"split '{split}': block_rows {block!r} is not a whole number of rows above 0 (hand-edited?)"]
+    if not isinstance(checksums, dict):
+        problems.append(f"split '{split}': its checksums are recorded as {type(checksums).__name__}, "
+                        "not {array: [crc32 per block]}")
+        checksums = {}
+    problems += _verify_arrays(store, split, attrs)
     for name in store.array_names(split):
         array = store.array(f"{split}/{name}")
         if array.shape[0] != n:
@@ -91,12 +99,34 @@ def _float_bits(name: str, attrs: dict) -> str | None:
     return None
 
 
+def _verify_arrays(store, split: str, attrs: dict) -> list[str]:
+    """The arrays the root attrs say every split holds are there, of the storage dtype they say (a
+    dtype edited in an array's metadata leaves its bytes and checksums as they were)."""
+    try:
+        codec = LogitCodec.from_attrs(attrs)
+    except KDCacheError:  # attrs that training refuses in a line of their own; the blocks are still checked
+        return []
+    act_dtype = stores.STORAGE_DTYPES[attrs.get("activation_dtype") or activation_dtype(codec.dtype)][0]
+    expected = {**{k: dt for k, (_, dt) in codec.arrays().items()},
+                **{f"activations/{n}": act_dtype for n in attrs.get("activations", {})}, "labels": None}
+    problems = []
+    for name, dtype in expected.items():
+        if not store.has_array(f"{split}/{name}"):
+            problems.append(f"{split}/{name}: missing")
+        elif dtype is not None and np.dtype(store.array(f"{split}/{name}").dtype) != np.dtype(dtype):
+            problems.append(f"{split}/{name}: stored as {store.array(f'{split}/{name}').dtype}, but the store's "
+                            f"encoding says {dtype} (its metadata was edited)")
+    return problems
+
+
 def _verify_blocks(array, rows: int, label: str, recorded: list | None, float_bits: str | None = None, *,
                    minus_inf_ok: bool = False) -> list[str]:
     """Each block of `rows` rows against the checksum its writer recorded, and its floats for NaN and inf
     (-inf allowed where `minus_inf_ok`; `float_bits`: the float type of integer-stored bits)."""
     if recorded is None:
         return [f"{label}: no block checksums recorded"]
+    if not isinstance(recorded, list):
+        return [f"{label}: its checksums are recorded as {type(recorded).__name__}, not a list of crc32 per block"]
     problems = []
     for i, start in enumerate(range(0, array.shape[0], rows)):
         try:

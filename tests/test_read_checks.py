@@ -364,3 +364,29 @@ def test_a_missing_activation_is_refused_not_left_out_of_the_targets(place, bloc
     shutil.rmtree(os.path.join(path, "train", "activations", "layer1"))
     with pytest.raises(KDCacheError, match="train/activations/layer1 is missing from the store"):
         open_cache(path).targets("train", activations=["layer1"], place=place)
+
+
+VERIFY = {  # damage -> the problem verify lists
+    **{case: (lambda p, edit=edit: edit_split_attrs(p, edit), why) for case, (edit, why) in {
+        "checksums not a mapping": (RECORDS["checksums not a mapping"][0], "its checksums are recorded as int"),
+        "checksums of logits a string": (RECORDS["checksums of logits a string"][0],
+                                         "train/logits: its checksums are recorded as str"),
+        "block_rows 0": (RECORDS["block_rows 0"][0], "block_rows 0 is not a whole number"),
+    }.items()},
+    "dtype edited": (lambda p: edit_array_metadata(p, "train/logits", data_type="int32"),
+                     "train/logits: stored as int32, but the store's encoding says float32"),
+    "array removed": (lambda p: shutil.rmtree(os.path.join(p, "train", "logits")), "train/logits: missing"),
+    "activation removed": (lambda p: shutil.rmtree(os.path.join(p, "train", "activations", "layer1")),
+                           "train/activations/layer1: missing"),
+}
+
+
+@pytest.mark.parametrize("case", VERIFY)
+def test_verify_lists_what_the_checked_reads_refuse(case, blocks_cache, tmp_path):
+    from kdcache.verify import verify_store
+
+    damage, expected = VERIFY[case]
+    path = copy_of(blocks_cache, tmp_path)
+    damage(path)
+    problems = verify_store(path)
+    assert any(expected in p for p in problems), problems
