@@ -196,6 +196,8 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
                         "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
                         **({"converted_from": attrs["converted_from"]} if "converted_from" in attrs else {})},
     )
+    # SRC's arrays, dtypes and block records checked before DST is made; each block as it is read
+    reads = {split: _checked_reads(source, split, old, act_from) for split in attrs["splits"]}
     splits = {split: _split_specs(source, split, old, new, root_attrs["activation_dtype"]) for split in attrs["splits"]}
     if action == "resume":
         out = stores.backend_for(partial)(partial, read_only=False)
@@ -206,12 +208,22 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
         out.update_attrs(root_attrs)
     try:
         for split, specs in splits.items():
-            _prepare_split(source, out, split, specs, chunk_bytes)
-            _convert_split(source, out, split, specs, old, new, act_from, root_attrs["activation_dtype"])
+            _prepare_split(source, out, split, specs, chunk_bytes, reads[split].read("labels"))
+            _convert_split(reads[split], out, split, specs, old, new, act_from, root_attrs["activation_dtype"])
         out.update_attrs({"complete": True})  # written last: only now does DST read as complete
     finally:
         out.close()
     stores.publish(partial, dst)  # the old store (--overwrite) goes only once the new one is complete
+
+
+def _checked_reads(source, split: str, old: LogitCodec, act_dtype: str) -> stores.CheckedReads:
+    """SRC's split read block by block, each block checked against the checksum its writer recorded
+    (a missing chunk reads as zeros, silently, and would be converted as data): every array, labels too."""
+    stores.block_rows_of(source, split)  # a store written before blocks is refused in its own line
+    dtypes = {name: dt for name, (_, dt) in old.arrays().items()}
+    names = [*dtypes, *(name for name in source.array_names(split) if name not in dtypes)]
+    dtypes.update({name: stores.STORAGE_DTYPES[act_dtype][0] for name in names if name.startswith("activations/")})
+    return stores.CheckedReads(source, split, names, dtypes=dtypes)
 
 
 def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype: str) -> dict:
@@ -227,14 +239,14 @@ def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype
     return specs
 
 
-def _prepare_split(source, out, split: str, specs: dict, chunk_bytes: int) -> None:
-    """DST's arrays, labels and attrs of a split, blocks planned for DST's row sizes."""
-    labels = np.asarray(source.read(f"{split}/labels"))  # [N] int64, or [N, L] int32 of a token store
+def _prepare_split(source, out, split: str, specs: dict, chunk_bytes: int, labels: np.ndarray) -> None:
+    """DST's arrays, labels ([N] int64, or [N, L] int32 of a token store) and attrs of a split,
+    blocks planned for DST's row sizes."""
     kept = {k: v for k, v in source.get_attrs(split).items() if k not in _WRITTEN_ATTRS}
     stores.create_split(out, split, specs, labels, chunk_bytes, kept)
 
 
-def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str, act_to: str) -> None:
+def _convert_split(reads, out, split: str, specs: dict, old, new, act_from: str, act_to: str) -> None:
     """DST's blocks of one split that are not on disk yet, then the split's completion."""
     attrs = out.get_attrs(split)
     if attrs.get("complete"):
@@ -247,7 +259,7 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
     if todo:
         record = records.ProgressRecord(out, split, 0, n_blocks, known)
         arrays = {f"{split}/{key}": out.array(f"{split}/{key}") for key in specs}
-        writer.write_blocks(arrays, _converted(source, split, _spans(todo, block, n), old, new, act_from, act_to),
+        writer.write_blocks(arrays, _converted(reads, split, _spans(todo, block, n), old, new, act_from, act_to),
                             block_rows=block, blocks=todo, record=record, max_pending=MAX_PENDING)
     known = records.read_progress(out, split, specs, n_blocks)
     missing = n_blocks - len(records.blocks_done(known, n_blocks))
@@ -255,9 +267,9 @@ def _convert_split(source, out, split: str, specs: dict, old, new, act_from: str
     records.finish_split(out, split, known, n)
 
 
-def _converted(source, split: str, spans, old, new, act_from: str, act_to: str):
+def _converted(reads, split: str, spans, old, new, act_from: str, act_to: str):
     """SRC's rows of `spans`, piece by piece, re-encoded as DST stores them ({path in DST: rows})."""
-    for rows in _read_rows(source, split, spans):
+    for rows in _read_rows(reads, spans):
         rows.update(convert_logits(old, new, {k: rows.pop(k) for k in old.arrays()}))
         if act_from != act_to:
             rows.update({k: _cast_activation(v, act_from, act_to) for k, v in rows.items() if k.startswith("activations/")})
@@ -276,40 +288,23 @@ def _spans(blocks: list[int], block: int, n: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _read_rows(source, split: str, spans):
+def _read_rows(reads, spans):
     """Yield {array: rows as stored} for the rows of `spans`, in order, in pieces within one SRC block.
 
-    SRC is read in whole blocks (its unit of writing, each checked against the checksum its writer
-    recorded: a missing chunk reads as zeros, silently, and would be converted as data), one block
-    in memory at a time however large the store.
+    SRC is read in whole blocks (its unit of writing, each checked as it is read: reads is its
+    split's CheckedReads), one block in memory at a time however large the store.
     """
-    attrs = source.get_attrs(split)
-    block, checksums = stores.block_rows_of(source, split), attrs["checksums"]
-    names = [name for name in source.array_names(split) if name != "labels"]
-    arrays = {name: source.array(f"{split}/{name}") for name in names}
-    n = arrays[names[0]].shape[0]
+    block, names = reads.block_rows, [name for name in reads.names if name != "labels"]
     current, values = None, {}
     for start, stop in spans:
         row = start
         while row < stop:
             b = row // block
             if b != current:
-                current, values = b, _read_block(arrays, checksums, b, block, n, source.path, split)
+                current, values = b, {name: reads.read_block(name, b) for name in names}
             end = min(stop, (b + 1) * block)
             yield {name: v[row - b * block : end - b * block] for name, v in values.items()}
             row = end
-
-
-def _read_block(arrays: dict, checksums: dict, b: int, block: int, n: int, path: str, split: str) -> dict:
-    start, stop = b * block, min((b + 1) * block, n)
-    values = {}
-    for name, array in arrays.items():
-        values[name] = np.asarray(array[start:stop])
-        recorded = checksums.get(name, [None] * (b + 1))[b]
-        if recorded is not None and records.chunk_checksum(values[name]) != recorded:
-            raise KDCacheError(f"'{path}' {split}/{name} rows {start}-{stop - 1} do not match their recorded checksum; "
-                               f"run kdcache verify {path}, and dump the teacher again if it is damaged")
-    return values
 
 
 def _cast_activation(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """`kdcache convert` re-encodes a finished cache without the teacher, and never invents logits."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -245,3 +246,39 @@ def test_cli_bad_input_is_one_line_and_exit_2(small_src, tmp_path, capsys, monke
     (tmp_path / "exists.zarr").mkdir()
     code, out, err = run(capsys, "convert", *[small_src if a == "SRC" else a for a in argv])
     assert code == 2 and out == "" and err.count("\n") == 1 and says in err, err
+
+
+def chunk_file(path: str, array: str, block: int) -> str:
+    folder = os.path.join(path, "test", array, "c", str(block))
+    return next(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+
+
+DAMAGE = {  # what is done to a copy of small_src -> what the one line says, and whether the damage is seen before DST is made
+    "deleted chunk": (lambda p: os.remove(chunk_file(p, "logits", 3)),
+                      "test/logits block 3 (rows 192-255) is missing from the store", True),
+    "deleted activation chunk": (lambda p: os.remove(chunk_file(p, "activations/layer1", 1)),
+                                 "test/activations/layer1 block 1 (rows 64-127) is missing from the store", True),
+    "garbage chunk": (lambda p: open(chunk_file(p, "logits", 2), "wb").write(b"garbage"),
+                      "test/logits block 2 (rows 128-191) cannot be read", False),
+    "another block's chunk": (lambda p: shutil.copy(chunk_file(p, "logits", 1), chunk_file(p, "logits", 4)),
+                              "test/logits block 4 (rows 256-319) does not match the checksum", False),
+    "checksums edited into a number": (lambda p: edit_checksums(p, 7), "records its checksums as int", True),
+}
+
+
+def edit_checksums(path: str, value) -> None:
+    import zarr
+
+    node = zarr.open_group(path, mode="r+")["test"]
+    node.attrs["checksums"] = value
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_src_is_one_line_naming_the_block(case, small_src, tmp_path, capsys):
+    damage, says, before = DAMAGE[case]
+    src, dst = tmp_path / "src.zarr", tmp_path / "dst.h5"
+    shutil.copytree(small_src, src)
+    damage(str(src))
+    code, out, err = run(capsys, "convert", src, dst, "--dtype", "int8")
+    assert code == 2 and err.count("\n") == 1 and says in err and f"kdcache verify {src}" in err, err
+    assert not dst.exists() and (not before or not os.path.exists(stores.partial_path(str(dst))))
