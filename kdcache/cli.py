@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import re
 import sys
 import typing
 
@@ -26,21 +27,13 @@ def _config(cls, config_file, options):
     file_values = read_yaml(config_file) if config_file else {}
     given = _given(options)
     cfg = resolve(cls, file_values=file_values, overrides=given, source=config_file or "options")
-    if "dataset" not in given and "dataset" not in file_values and not _token_cache(cfg):
-        # the one default that picks the data: said, not silent (a token cache brings its own sequences)
-        click.echo(f"dataset: {cfg.dataset} (the default; pass --dataset NAME for yours)")
+    from kdcache.pipeline import default_dataset_note
+
+    note = default_dataset_note(cfg, named="dataset" in given or "dataset" in file_values,
+                                fix="pass --dataset NAME for yours")
+    if note:
+        click.echo(note)
     return cfg
-
-
-def _token_cache(cfg) -> bool:
-    if not getattr(cfg, "cache", None):
-        return False
-    from kdcache.tokens.train import is_token_cache
-
-    try:
-        return is_token_cache(cfg.cache)
-    except KDCacheError:  # a missing cache: the training says so
-        return False
 
 
 class GroupedOption(click.Option):
@@ -280,6 +273,7 @@ def main(argv=None):
         message = str(e)
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch put the worker's traceback first
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        message = re.sub(r"\s*\n\s*", " ", message.strip())  # a library's text inside it (h5py's has newlines)
         click.echo(f"kdcache: error: {message}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C (and so SIGTERM) into Abort
@@ -291,11 +285,14 @@ def main(argv=None):
         click.echo(f"kdcache: interrupted{resume}" if isinstance(stop, KeyboardInterrupt) else "kdcache: aborted", err=True)
         sys.exit(130)
     except OSError as e:  # the environment, not a bug: a full disk, a read-only or forbidden path
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        in_the_way = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)  # a file where a folder goes, or the other way round
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, *in_the_way):
             _environment_or_raise(e)
         where = f" ({e.filename})" if e.filename else ""
         fix = ("free space, then rerun the same command with --resume: the whole blocks and epochs written are kept"
-               if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a path you can write, or fix its permissions")
+               if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+               "a file and a folder cannot share a path: choose another path, or move what is there"
+               if e.errno in in_the_way else "choose a path you can write, or fix its permissions")
         click.echo(f"kdcache: error: {e.strerror or e}{where}; {fix}", err=True)
         sys.exit(2)
     except click.ClickException as e:  # bad flags: click's message, on one line

@@ -44,11 +44,14 @@ def run_pipeline(path: str, *, resume: bool = False) -> None:
                                f"{type(options).__name__}; write - {command}: {{out: ..., ...}}")
         cls, fn = commands[command]
         try:  # values and names (models, losses, schedules, datasets, splits) alike
-            plan.append((command, fn, resolve(cls, file_values=options or {}, source=where)))
+            plan.append((command, fn, resolve(cls, file_values=options or {}, source=where), options or {}))
         except KDCacheError as e:
             raise KDCacheError(f"{where}: {e}" if where not in str(e) else str(e)) from None
-    for i, (command, fn, cfg) in enumerate(plan, 1):
+    for i, (command, fn, cfg, options) in enumerate(plan, 1):
         log.info(f"== stage {i}/{len(plan)}: kdcache {command}")
+        note = default_dataset_note(cfg, named="dataset" in options, fix="add dataset: NAME to the stage for yours")
+        if note:
+            log.info(note)
         if resume and not cfg.overwrite:
             if command == "dump-teacher":
                 found = stores.state(cfg.out)
@@ -61,3 +64,22 @@ def run_pipeline(path: str, *, resume: bool = False) -> None:
         result = fn(cfg)
         if command == "dump-teacher":
             log.info(f"wrote {result}")  # as dump-teacher itself says
+
+
+def default_dataset_note(cfg, *, named: bool, fix: str) -> str | None:
+    """The line that says the default dataset is used: the one default that picks the data is said,
+    not silent (a token cache brings its own sequences, so it needs none)."""
+    if named or _token_cache(cfg):
+        return None
+    return f"dataset: {cfg.dataset} (the default; {fix})"
+
+
+def _token_cache(cfg) -> bool:
+    if not getattr(cfg, "cache", None):
+        return False
+    from kdcache.tokens.train import is_token_cache
+
+    try:
+        return is_token_cache(cfg.cache)
+    except KDCacheError:  # a missing cache: the training says so
+        return False

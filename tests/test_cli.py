@@ -118,6 +118,9 @@ BAD = {
     "mixing with a one-class loss": ["train-student", "--student", "cnn_tiny", "--mix", "mixup", "--loss", "dkd"],
     "student views without augmentation": ["train-student", "--student", "cnn_tiny", "--views", "4"],
     "unknown view policy": ["train-student", "--student", "cnn_tiny", "--augment", "digits", "--view-policy", "shuffle"],
+    "training output that is a file": ["train-student", "--student", "cnn_tiny", "--epochs", "1", "--out", "{tmp}/a-file"],
+    "dump output below a file": ["dump-teacher", "--teacher", "{ckpt}", "--out", "{tmp}/a-file/x.zarr"],
+    "an HDF5 store that is a folder": ["inspect", "{tmp}/folder.h5"],
 }
 
 
@@ -127,6 +130,8 @@ def test_bad_input_is_one_line_with_exit_status_two(case, capsys, tmp_path, teac
     (tmp_path / "bad.yaml").write_text("studnets: [resnet8]\n")
     (tmp_path / "wrong-type.yaml").write_text("students: [resnet8]\nepochs: ten\n")
     (tmp_path / "bad-pipeline.yaml").write_text("stages:\n  - train-teacher: {epochs: 1}\n")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder.h5").mkdir()
     before = sorted(os.listdir(tmp_path))
     argv = [a.format(tmp=tmp_path, ckpt=teacher_ckpt, cache=fp32_cache, partial=partial_store, newer=newer_store)
             for a in BAD[case]]

@@ -159,7 +159,8 @@ def test_a_pipeline_runs_again_with_resume_skipping_what_is_finished(tmp_path, c
   - dump-teacher: {{teacher: {tmp_path}/t/cnn_tiny/model.pt, dataset: digits, splits: [train, test], out: {tmp_path}/c.zarr}}
   - train-student: {{cache: {tmp_path}/c.zarr, dataset: digits, students: [cnn_tiny], epochs: 1, out: {tmp_path}/s}}
 """)
-    assert run(capsys, "run", pipeline)[0] == 0
+    code, out, err = run(capsys, "run", pipeline)
+    assert code == 0 and f"wrote {tmp_path}/c.zarr" in out.splitlines(), err  # the dump stage says what it wrote
     code, _, err = run(capsys, "run", pipeline)  # again: stage 1's output exists
     assert code == 2 and "--resume" in one_line(err)
     code, out, err = run(capsys, "run", pipeline, "--resume")
@@ -174,3 +175,8 @@ def test_the_default_dataset_is_said_not_silent(tmp_path, capsys):
     code, out, _ = run(capsys, "train-student", "--student", "cnn_tiny", "--epochs", "1", "--dataset", "digits",
                        "--out", tmp_path / "b")
     assert "the default" not in out
+    pipeline = tmp_path / "p.yaml"  # a pipeline stage without dataset: says it too
+    pipeline.write_text(f"stages:\n  - train-student: {{students: [cnn_tiny], epochs: 1, out: {tmp_path}/p}}\n")
+    code, out, err = run(capsys, "run", pipeline)
+    assert code == 0, err
+    assert out.splitlines()[1] == "dataset: digits (the default; add dataset: NAME to the stage for yours)"
