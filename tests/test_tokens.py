@@ -191,6 +191,19 @@ def test_a_dataset_of_other_tokens_is_refused(lm_cache, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o" / "lm_tiny")
 
 
+@pytest.mark.parametrize("place", ["memory", "stream"])
+def test_a_token_cache_missing_an_array_is_one_line_naming_it(lm_cache, tmp_path, capsys, place):
+    import shutil
+
+    path = str(tmp_path / "lm.zarr")
+    shutil.copytree(lm_cache, path)
+    shutil.rmtree(os.path.join(path, "train", "topk_indices"))
+    code, _, err = run(capsys, "train-student", "--cache", path, "--student", "lm_tiny", "--epochs", "1",
+                       "--targets-in", place, "--out", str(tmp_path / "o"))
+    assert code == 2 and "train/topk_indices is missing from the store" in one_line(err)
+    assert f"kdcache verify {path}" in err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--loss", "dkd"], "is an image loss"),
     (["--feature", "h.0=x"], "applies to image caches"),

@@ -148,7 +148,7 @@ class TokenSetup:
         labels = torch.from_numpy(np.asarray(reads.read("labels")).astype(np.int64))
         codec_arrays = LogitCodec.from_attrs(store.get_attrs()).arrays()
         need = sum(int(np.prod(store.array(f"{split}/{k}").shape)) * np.dtype(dt).itemsize
-                   for k, (_, dt) in codec_arrays.items())
+                   for k, (_, dt) in codec_arrays.items() if store.has_array(f"{split}/{k}"))  # absent: the load refuses it
         place = choose_place(cfg.targets_in, need, self.device)
         if place == "stream":
             data = TokenData(tokens, labels, stream=StreamedSplit(cfg.cache, split), buffer_blocks=cfg.buffer_blocks)
