@@ -130,6 +130,13 @@ LATER_TYPOS = {
     "options that are a list": "  - train-student: [cnn_tiny]\n",
     "options that are a string": "  - train-student: cnn_tiny\n",
     "a bad split": "  - train-student: {cache: {tmp}/c.zarr, students: [cnn_tiny], train_split: ../x}\n",
+    # what a stage needs from the ones before it, or from the machine
+    "a cache no stage dumps": "  - train-student: {cache: {tmp}/d.zarr, students: [cnn_tiny]}\n",
+    "a cache of no known suffix": "  - train-student: {cache: {tmp}/c.zar, students: [cnn_tiny]}\n",
+    "a split the dump does not make": "  - train-student: {cache: {tmp}/c.zarr, students: [cnn_tiny], train_split: train}\n",
+    "a device the machine lacks": "  - train-student: {cache: {tmp}/c.zarr, students: [cnn_tiny], train_split: test, "
+                                  "device: 'cuda:99'}\n",
+    "a teacher checkpoint no stage trains": "  - dump-teacher: {teacher: {tmp}/t/cnn_tiny/model.pt, out: {tmp}/d.zarr}\n",
 }
 
 
