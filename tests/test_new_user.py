@@ -78,6 +78,8 @@ def test_layers_lists_a_checkpoints_modules(teacher_ckpt, capsys):
     assert code == 0, err
     names = [line.split()[0] for line in out.splitlines()]
     assert "conv1.conv" in names and "layer1" in names  # the trained cnn_small's modules
+    code, _, err = run(capsys, "layers", teacher_ckpt + ".missing.pt")  # a path, not a model to suggest names for
+    assert code == 2 and "checkpoint" in one_line(err) and "does not exist" in err and "did you mean" not in err
 
 
 def test_inspect_shows_what_a_store_was_converted_from(fp32_cache, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from kdcache.errors import KDCacheError
-from kdcache.models.checkpoints import load_checkpoint, model_from_checkpoint
+from kdcache.models.checkpoints import _looks_like_path, load_checkpoint, model_from_checkpoint
 from kdcache.models.registry import create_model
 
 
@@ -23,6 +23,8 @@ def layers_model(spec: str, *, num_classes: int) -> tuple[nn.Module, int]:
     if os.path.isfile(spec):
         ckpt = load_checkpoint(spec)
         return model_from_checkpoint(ckpt, path=spec).eval(), ckpt["in_chans"]
+    if _looks_like_path(spec) and ":" not in spec:  # a missing checkpoint (hf:DIR and module:fn have a colon)
+        raise KDCacheError(f"checkpoint {spec} does not exist; give an existing model.pt or a model name")
     return create_model(spec, num_classes=num_classes), 3
 
 
