@@ -152,6 +152,12 @@ def test_a_two_process_token_dump_equals_the_one_process_dump(lm_teacher, tmp_pa
 
 # --- bad input: one line, exit status 2, nothing written ------------------------------------------
 
+def test_a_nan_lm_training_loss_stops_training_naming_the_epoch_and_step(tmp_path):
+    with pytest.raises(KDCacheError, match=r"loss of lm_tiny became nan in epoch 1, step \d+ of 5; lower --lr"):
+        train_student(students=["lm_tiny"], tokenizer="bpe:300", epochs=1, out=str(tmp_path), optimizer="sgd", lr=1e30,
+                      batch_size=8, **SEQ)
+
+
 def test_a_sequence_longer_than_the_teachers_context_is_refused(lm_teacher, tmp_path, capsys):
     code, _, err = run(capsys, "dump-teacher", "--teacher", lm_teacher, "--dataset", "pydoc", "--seq-len", "64",
                        "--out", str(tmp_path / "x.zarr"))

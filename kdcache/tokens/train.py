@@ -237,8 +237,9 @@ def fit_lm(name: str, kind: str, setup: TokenSetup, folder: str) -> dict:
                     parts["loss"].backward()
                     optimizer.step()
                     loss = float(parts["loss"].detach())
-                    if not math.isfinite(loss):
-                        raise KDCacheError(f"training loss of {name} became {loss} at step {step + 1}; lower --lr")
+                    if not math.isfinite(loss):  # named as train-student names it for image students
+                        raise KDCacheError(f"training loss of {name} became {loss} in epoch {epoch}, step "
+                                           f"{step - (epoch - 1) * steps_per_epoch + 1} of {steps_per_epoch}; lower --lr")
                     for k in sums:
                         sums[k] += float(parts[k].detach()) if k in parts else 0.0
                     step += 1
