@@ -69,7 +69,9 @@ def _teacher_top1(store, split: str, codec) -> float:
     of the sample with the larger weight. Every block read is checked against its recorded
     checksum: a damaged one stops inspect with one line naming it (store.CheckedReads)."""
     mixed = store.has_array(f"{split}/mix_partner")
-    reads = stores.CheckedReads(store, split, [*codec.arrays(), "labels", *(["mix_partner", "mix_lambda"] if mixed else [])])
+    dtypes = {k: dt for k, (_, dt) in codec.arrays().items()}  # an edited dtype would give another top-1
+    reads = stores.CheckedReads(store, split, [*dtypes, "labels", *(["mix_partner", "mix_lambda"] if mixed else [])],
+                                dtypes=dtypes)
     logits, labels = store.array(f"{split}/logits"), reads.read("labels")
     if mixed:
         partner, lam = reads.read("mix_partner"), reads.read("mix_lambda")

@@ -390,3 +390,11 @@ def test_verify_lists_what_the_checked_reads_refuse(case, blocks_cache, tmp_path
     damage(path)
     problems = verify_store(path)
     assert any(expected in p for p in problems), problems
+
+
+def test_inspect_of_an_array_whose_dtype_was_edited_is_one_line(fp32_cache, tmp_path, capsys):
+    path = copy_of(fp32_cache, tmp_path)
+    edit_array_metadata(path, "test/logits", data_type="int32")  # its top-1 would be of other numbers
+    code, err = run_cli(capsys, "inspect", path)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "test/logits is stored as int32, but the store's encoding says float32" in err, err
