@@ -13,7 +13,7 @@ import torch
 
 from kdcache import encodings
 from kdcache import store as stores
-from kdcache.encodings import CODEC_ATTRS, LogitCodec, from_storage, recode_topk, round_float, to_storage
+from kdcache.encodings import CODEC_ATTRS, ActivationCodec, LogitCodec, from_storage, recode_topk, to_storage
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
 from kdcache.store import records, writer
@@ -180,7 +180,8 @@ def convert_logits(old: LogitCodec, new: LogitCodec, arrays: dict[str, np.ndarra
 def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, dst: str, action: str,
              chunk_bytes: int, fidelity: dict | None = None) -> None:
     partial = stores.partial_path(dst)
-    act_from = attrs.get("activation_dtype") or encodings.activation_dtype(old.dtype)
+    act_from = ActivationCodec.from_attrs(attrs)
+    act_to = ActivationCodec.for_logits(new.dtype) if new.dtype != old.dtype else act_from
     # SRC's own encoding attrs go (DST writes its codec's), and so do fidelity figures measured for SRC
     kept = {k: v for k, v in attrs.items() if k not in (*CODEC_ATTRS, "fidelity")}
     root_attrs = dict(
@@ -191,14 +192,14 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         complete=False,
         **new.attrs(),  # dtype, topk, encoding: how DST's logits are stored
-        activation_dtype=encodings.activation_dtype(new.dtype) if new.dtype != old.dtype else act_from,
+        **act_to.attrs(),  # activation_dtype: changed only with the logits' dtype
         converted_from={"path": os.path.abspath(src), "dtype": old.dtype, "topk": old.topk,
                         "kdcache_version": attrs.get("kdcache_version"), "created": attrs.get("created"),
                         **({"converted_from": attrs["converted_from"]} if "converted_from" in attrs else {})},
     )
     # SRC's arrays, dtypes and block records checked before DST is made; each block as it is read
     reads = {split: _checked_reads(source, split, old, act_from) for split in attrs["splits"]}
-    splits = {split: _split_specs(source, split, old, new, root_attrs["activation_dtype"]) for split in attrs["splits"]}
+    splits = {split: _split_specs(source, split, old, new, act_to) for split in attrs["splits"]}
     if action == "resume":
         out = stores.backend_for(partial)(partial, read_only=False)
         _check_resumable(out, root_attrs)
@@ -209,24 +210,24 @@ def _convert(source, src: str, attrs: dict, old: LogitCodec, new: LogitCodec, ds
     try:
         for split, specs in splits.items():
             _prepare_split(source, out, split, specs, chunk_bytes, reads[split].read("labels"))
-            _convert_split(reads[split], out, split, specs, old, new, act_from, root_attrs["activation_dtype"])
+            _convert_split(reads[split], out, split, specs, old, new, act_from, act_to)
         out.update_attrs({"complete": True})  # written last: only now does DST read as complete
     finally:
         out.close()
     stores.publish(partial, dst)  # the old store (--overwrite) goes only once the new one is complete
 
 
-def _checked_reads(source, split: str, old: LogitCodec, act_dtype: str) -> stores.CheckedReads:
+def _checked_reads(source, split: str, old: LogitCodec, act: ActivationCodec) -> stores.CheckedReads:
     """SRC's split read block by block, each block checked against the checksum its writer recorded
     (a missing chunk reads as zeros, silently, and would be converted as data): every array, labels too."""
     stores.block_rows_of(source, split)  # a store written before blocks is refused in its own line
     dtypes = {name: dt for name, (_, dt) in old.arrays().items()}
     names = [*dtypes, *(name for name in source.array_names(split) if name not in dtypes)]
-    dtypes.update({name: stores.STORAGE_DTYPES[act_dtype][0] for name in names if name.startswith("activations/")})
+    dtypes.update({name: act.storage_dtype for name in names if name.startswith("activations/")})
     return stores.CheckedReads(source, split, names, dtypes=dtypes)
 
 
-def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype: str) -> dict:
+def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act: ActivationCodec) -> dict:
     """{array relative to the split: (shape, storage dtype)} of DST's split, labels aside."""
     n, views = source.array(f"{split}/logits").shape[:2]
     specs = {name: ((n, views) + tail, dt) for name, (tail, dt) in new.arrays().items()}
@@ -234,7 +235,7 @@ def _split_specs(source, split: str, old: LogitCodec, new: LogitCodec, act_dtype
         if name in old.arrays() or name == "labels":
             continue
         a = source.array(f"{split}/{name}")
-        dt = stores.STORAGE_DTYPES[act_dtype][0] if name.startswith("activations/") else str(np.dtype(a.dtype))
+        dt = act.storage_dtype if name.startswith("activations/") else str(np.dtype(a.dtype))
         specs[name] = (tuple(a.shape), dt)
     return specs
 
@@ -246,7 +247,8 @@ def _prepare_split(source, out, split: str, specs: dict, chunk_bytes: int, label
     stores.create_split(out, split, specs, labels, chunk_bytes, kept)
 
 
-def _convert_split(reads, out, split: str, specs: dict, old, new, act_from: str, act_to: str) -> None:
+def _convert_split(reads, out, split: str, specs: dict, old, new, act_from: ActivationCodec,
+                   act_to: ActivationCodec) -> None:
     """DST's blocks of one split that are not on disk yet, then the split's completion."""
     attrs = out.get_attrs(split)
     if attrs.get("complete"):
@@ -267,7 +269,7 @@ def _convert_split(reads, out, split: str, specs: dict, old, new, act_from: str,
     records.finish_split(out, split, known, n)
 
 
-def _converted(reads, split: str, spans, old, new, act_from: str, act_to: str):
+def _converted(reads, split: str, spans, old, new, act_from: ActivationCodec, act_to: ActivationCodec):
     """SRC's rows of `spans`, piece by piece, re-encoded as DST stores them ({path in DST: rows})."""
     for rows in _read_rows(reads, spans):
         rows.update(convert_logits(old, new, {k: rows.pop(k) for k in old.arrays()}))
@@ -307,13 +309,11 @@ def _read_rows(reads, spans):
             row = end
 
 
-def _cast_activation(values: np.ndarray, from_dtype: str, to_dtype: str) -> np.ndarray:
-    """Stored activations [R, ...] in `from_dtype` -> stored in `to_dtype` (bfloat16 as uint16 bits)."""
-    t = from_storage(values, stores.STORAGE_DTYPES[from_dtype][0])
-    if from_dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    _refuse_overflow("activations", t.float(), to_dtype)
-    return to_storage(round_float(t.float(), to_dtype), stores.STORAGE_DTYPES[to_dtype][0])
+def _cast_activation(values: np.ndarray, old: ActivationCodec, new: ActivationCodec) -> np.ndarray:
+    """Stored activations [R, ...] of codec `old` -> stored as `new`'s."""
+    t = old.decode(values).float()
+    _refuse_overflow("activations", t, new.dtype)
+    return to_storage(new.encode(t), new.storage_dtype)
 
 
 def _refuse_overflow(what: str, values: torch.Tensor, dtype: str) -> None:

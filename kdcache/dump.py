@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kdcache import augment, distributed, encodings
+from kdcache.encodings import ActivationCodec
 from kdcache import store as stores
 from kdcache.config import DumpConfig, as_dict, resolve
 from kdcache.distributed import autocast_dtype  # where the device's precision is chosen; named here too
@@ -151,7 +152,7 @@ class ImageDump:
 
     def attrs(self) -> dict:
         """Root attrs beyond the codec's: how activations and views were stored."""
-        return {"activation_dtype": encodings.activation_dtype(self.cfg.dtype), "views": self.cfg.views,
+        return {**ActivationCodec.for_logits(self.cfg.dtype).attrs(), "views": self.cfg.views,
                 "augment": augment.dump_attrs(self.cfg),  # how views were made (None: one clean view per sample)
                 "activations": {name: {"form": form} for name, form in self.activations}}
 
@@ -179,7 +180,7 @@ class ImageDump:
         # per-view shapes from the first view alone: --views 10**9 would make all its views here first
         shapes = self._probe(augment.DumpViews(data.dataset, recipe, 1))
         specs = {name: ((n, views) + tail, dtype) for name, (tail, dtype) in self.codec.arrays().items()}
-        act_dtype = stores.STORAGE_DTYPES[encodings.activation_dtype(self.cfg.dtype)][0]
+        act_dtype = ActivationCodec.for_logits(self.cfg.dtype).storage_dtype
         for name, _ in self.activations:
             specs[f"activations/{name}"] = ((n, views) + shapes[name], act_dtype)
         for key, (dtype, tail) in (recipe.records() if recipe is not None else {}).items():
@@ -215,7 +216,7 @@ class ImageDump:
         loader = data_loader(torch.utils.data.Subset(source, rows), batch_size=self.batch_samples(data),
                              shuffle=False, num_workers=cfg.num_workers, pin_memory=cuda)
         names = [name for name, _ in activations]
-        act_dtype = encodings.activation_dtype(cfg.dtype)
+        act_codec = ActivationCodec.for_logits(cfg.dtype)
 
         def batches():
             """The teacher's outputs for `rows`, batch by batch, encoded and on their way to the host."""
@@ -235,8 +236,8 @@ class ImageDump:
                         act = REDUCTIONS[form](acts[name].float()).unflatten(0, (b, v))
                         if not cfg.allow_nonfinite:
                             encodings.check_finite(act.flatten(1), rows[done], f"activation {name}")
-                        encodings.check_stored(f"activation {name}", act.flatten(1), None, act_dtype, rows[done])
-                        batch[f"{split}/activations/{name}"] = encodings.round_float(act, act_dtype)
+                        encodings.check_stored(f"activation {name}", act.flatten(1), None, act_codec.dtype, rows[done])
+                        batch[f"{split}/activations/{name}"] = act_codec.encode(act)
                     encoded = encodings.encode_checked(codec, logits, rows[done], allow_nonfinite=cfg.allow_nonfinite)
                     batch.update({f"{split}/{k}": t for k, t in encoded.items()})
                     host, ready = writer.to_host(batch, cuda)  # the writer waits on `ready` before reading

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kdcache import choices
 from kdcache.errors import KDCacheError
 
-__all__ = ["CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
+__all__ = ["ActivationCodec", "CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
            "overflowed", "check_finite", "check_stored", "encode_checked", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # choices.DTYPES; int8: dense logits only, uint8: top-k values only
@@ -615,6 +615,42 @@ def recode_topk(old: LogitCodec, new: LogitCodec, arrays: dict[str, torch.Tensor
 def activation_dtype(dtype: str) -> str:
     """Activations keep a float dtype: int8's per-row affine quantization and uint8 top-k codes are for logits only."""
     return "float16" if dtype in ("int8", "uint8") else dtype
+
+
+@dataclass(frozen=True)
+class ActivationCodec:
+    """How a store keeps activations, beside LogitCodec for its logits: one float dtype (float32,
+    float16, or bfloat16 kept as its uint16 bits), whatever the logits' encoding.
+
+    encode: float tensor -> the tensor to_storage writes (rounded on its device); decode: a stored
+    array -> a tensor of the logical dtype (bfloat16 viewed from its bits, no copy)."""
+
+    dtype: str = "float16"
+
+    @classmethod
+    def for_logits(cls, logit_dtype: str) -> "ActivationCodec":
+        """What a dump stores activations as beside logits of `logit_dtype` (int8 and uint8: float16)."""
+        return cls(activation_dtype(logit_dtype))
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "ActivationCodec":
+        """A store's, from its root attrs (activation_dtype; stores older than it: from the logits' dtype)."""
+        return cls(attrs.get("activation_dtype") or activation_dtype(attrs.get("dtype", "float16")))
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of the arrays on disk (bfloat16: uint16)."""
+        return "uint16" if self.dtype == "bfloat16" else self.dtype
+
+    def attrs(self) -> dict:
+        return {"activation_dtype": self.dtype}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return round_float(x, self.dtype)
+
+    def decode(self, values: np.ndarray) -> torch.Tensor:
+        t = from_storage(values, self.storage_dtype)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
 
 TAIL_EXACT_BELOW = 1e-30  # a tail this far below the top class is summed again, shifted by its own largest logit

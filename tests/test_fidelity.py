@@ -251,7 +251,7 @@ def test_ranked_by_students_the_best_probe_wins_whatever_its_fidelity(probed):
     for e in fits:
         e["probe_top1"] = 90.0 if e is least else 10.0
     best, line = fidelity.choose(report, max(e["bytes_per_sample"] for e in fits))
-    assert best is least and f"probe top-1 90.00" in line and "the best probe student (cnn_tiny, 1 epoch" in line
+    assert best is least and "probe top-1 90.00" in line and "the best probe student (cnn_tiny, 1 epoch" in line
     report.pop("rank")
     assert fidelity.choose(report, max(e["bytes_per_sample"] for e in fits))[0] is not least  # by fidelity
 

@@ -7,7 +7,7 @@ import torch
 from kdcache import store as stores
 from kdcache.encodings import round_float as encode
 from kdcache.errors import KDCacheError
-from kdcache.targets import decode
+from kdcache.encodings import ActivationCodec
 
 
 class StoreSuite:
@@ -41,7 +41,7 @@ class StoreSuite:
         with self.make(path) as s:
             s.create_array("train/logits", shape=bits.shape, dtype="uint16", chunks=(4, 1, 7))[:] = bits
         with stores.open_store(path) as s:
-            back = decode(s.read("train/logits"), "bfloat16-as-uint16")
+            back = ActivationCodec("bfloat16").decode(s.read("train/logits"))  # bfloat16 from its uint16 bits
         assert back.dtype == torch.bfloat16
         torch.testing.assert_close(back, t.to(torch.bfloat16), rtol=0, atol=0)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdcache import dump_teacher, open_cache, train_student
-from kdcache import targets as targets_mod
+from kdcache.targets import placement as targets_mod
 from kdcache.convert import convert_store
 from kdcache.errors import KDCacheError
 
