@@ -103,7 +103,7 @@ from kdcache.models import build_teacher, create_model, save_checkpoint  # noqa:
 from kdcache.report import describe_store  # noqa: E402
 from kdcache.schedules import Schedule  # noqa: E402
 from kdcache.targets import CachedTeacher, OnlineTeacher, open_cache  # noqa: E402
-from kdcache.train import train_one_epoch  # noqa: E402
+from kdcache.train import Run, train_one_epoch  # noqa: E402
 
 # Sizes: each side of a comparison takes about a second on 1 CPU thread (figures 1-4: ~5 minutes).
 CLASSES = 100  # CIFAR-100-like: 200 B/sample of float16 logits
@@ -237,8 +237,8 @@ def train_epochs(dataset, teacher, cfg: TrainConfig, epochs: int, device, studen
     sync(device)
     start = time.perf_counter()
     for epoch in range(epochs):  # train_one_epoch ends in a float() of its losses: a device sync
-        train_one_epoch(model, loader, optimizer, teacher, cfg, step=epoch * len(loader),
-                        total_steps=epochs * len(loader), alpha_schedule=schedule, device=device)
+        train_one_epoch(Run(model, optimizer, cfg, device, epochs * len(loader), teacher, schedule), loader,
+                        step=epoch * len(loader))
     return time.perf_counter() - start
 
 

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,17 +59,37 @@ def lr_factor(kind: str, pos: float) -> float:
 LOSS_PARTS = (("loss", "loss"), ("task_loss", "task"), ("kd_loss", "kd"), ("feature_loss", "feature"))
 
 
-def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step: int, total_steps: int,
-                    alpha_schedule: Schedule | None, device, feature_kd: features.FeatureKD | None = None,
-                    feature_schedule: Schedule | None = None, dist: distributed.Dist = distributed.Dist(),
-                    progress: Progress | None = None) -> dict:
-    """One pass over `loader`; returns mean losses, the last alpha (and feature weight) and LR,
-    and per-step losses. With `feature_kd`, its student layers are hooked for the epoch.
+@dataclass
+class Run:
+    """One student's training run: what every step of every epoch reads (train_one_epoch's inputs).
 
-    Under DDP (`model` wrapped, `dist.world_size` > 1) each rank's loss is scaled so that DDP's
-    mean of the ranks' gradients is the mean over the global batch (GlobalBatchSampler.loss_scale),
-    the adapters' gradients are averaged by hand (they are outside the wrapped model), and the
-    epoch's mean losses are summed over every rank. `progress` counts this rank's samples."""
+    `model` is the module trained (DistributedDataParallel-wrapped under torchrun); `teacher` the
+    teacher side (kdcache/targets/teachers.py; None: plain training) with its `alpha` schedule;
+    `feature_kd` the feature pairs' adapters with their `feature_weight` schedule."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    total_steps: int
+    teacher: object | None = None
+    alpha: Schedule | None = None
+    feature_kd: features.FeatureKD | None = None
+    feature_weight: Schedule | None = None
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+
+
+def train_one_epoch(run: Run, loader, *, step: int, progress: Progress | None = None) -> dict:
+    """One pass over `loader` from global step `step`; returns mean losses, the last alpha (and
+    feature weight) and LR, and per-step losses. With feature KD, the student layers are hooked
+    for the epoch.
+
+    Under DDP (`run.dist.world_size` > 1) each rank's loss is scaled so that DDP's mean of the
+    ranks' gradients is the mean over the global batch (GlobalBatchSampler.loss_scale), the
+    adapters' gradients are averaged by hand (they are outside the wrapped model), and the epoch's
+    mean losses are summed over every rank. `progress` counts this rank's samples."""
+    model, optimizer, teacher, cfg, device, dist = run.model, run.optimizer, run.teacher, run.cfg, run.device, run.dist
+    feature_kd = run.feature_kd
     model.train()
     first_step = step
     sums: dict = {}
@@ -79,16 +101,16 @@ def train_one_epoch(model, loader, optimizer, teacher, cfg: TrainConfig, *, step
     module = getattr(model, "module", model)  # hooks address the student's own module names
     with capture(module, feature_kd.student_layers if feature_kd is not None else []) as feats:
         for i, (x, y, row) in enumerate(loader):  # row: the view's row in the cache (the sample index without views)
-            pos = step / total_steps
+            pos = step / run.total_steps
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, pos)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             targets = teacher(x, row) if teacher is not None else None
-            alpha = alpha_schedule(pos) if alpha_schedule is not None else 0.0
+            alpha = run.alpha(pos) if run.alpha is not None else 0.0
             out = model(x)
             matched = None
             if feature_kd is not None:
-                weight = feature_schedule(pos)
+                weight = run.feature_weight(pos)
                 matched = feature_kd(feats, targets["activations"])
             parts = objective(out, y, targets, alpha, cfg, matched, weight)
             optimizer.zero_grad(set_to_none=True)
@@ -244,90 +266,120 @@ def fit(name: str, kind: str, setup: Setup, folder: str) -> dict:
     is. Under torchrun the student is wrapped in DistributedDataParallel; rank 0 alone evaluates
     and writes.
     """
-    cfg, device, dist = setup.cfg, setup.device, setup.dist
-    train_data, test_data, views = setup.train_data, setup.test_data, setup.views
-    teacher = None if kind == "baseline" else setup.teacher
-    teacher_pred = setup.teacher_pred
-    torch.manual_seed(cfg.seed)  # same init for KD and baseline runs of a student, and on every rank
-    model = create_model(name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
-    feature_kd = feature_schedule = None
-    if teacher is not None and setup.pairs:  # after the student, so its init is the same with or without adapters
-        feature_kd = features.build_feature_kd(setup.pairs, model, teacher, features.probe_batch(train_data.dataset, device))
-        feature_schedule = Schedule(cfg.feature_weight_schedule, cfg.feature_weight_start, cfg.feature_weight)
-    optimizer = make_optimizer(cfg, model, feature_kd)
-    dataset = views or WithIndex(train_data.dataset)
-    sampler = setup.sampler(dataset)
-    if teacher is not None:
-        teacher = teacher.follow(sampler)  # streamed targets are read in this run's order
-    train_loader = _loader(dataset, cfg, sampler=sampler)
-    test_loader = _loader(WithIndex(test_data.dataset), cfg, batch_size=256)  # eval transform, one view
-    total = cfg.epochs * len(train_loader)
-    alpha_schedule = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha) if teacher is not None else None
-    trained = model
-    if dist.world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    run_config = dict(as_dict(cfg), student=name, kind=kind, views_used=views.describe() if views else None,
-                      world_size=dist.world_size)
-    if dist.is_main:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=2)
-    started = time.perf_counter()
-    history, first_epoch = [], 0
-    state_path = os.path.join(folder, "last.pt")
-    if cfg.resume and os.path.exists(state_path):
-        first_epoch, history, elapsed = load_training_state(state_path, model, optimizer, feature_kd)
-        started -= elapsed
-        if dist.is_main:
-            log.info(f"{name}: resuming after epoch {first_epoch}")
-    metrics_path = os.path.join(folder, "metrics.jsonl")
-    if dist.is_main:
-        _keep_lines(metrics_path, first_epoch)  # epochs past the saved state are trained again
-    metrics = {}
+    student = _Student(name, kind, setup, folder)
+    run, model, data = student.start()
     try:
+        metrics, history = student.train(run, model, data)
+    finally:
+        if run.teacher is not None:
+            run.teacher.close()
+    return student.finish(model, metrics, history)
+
+
+class _Loaders(NamedTuple):
+    dataset: object  # WithIndex or augment.TrainViews
+    sampler: object  # GlobalBatchSampler, or reader.BlockShuffleSampler for streamed targets
+    train: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+
+
+class _Student:
+    """fit's steps for one student of a sweep: build its run, train its epochs (resumable), finish."""
+
+    def __init__(self, name: str, kind: str, setup: Setup, folder: str):
+        self.name, self.kind, self.setup, self.folder = name, kind, setup, folder
+        self.cfg, self.dist = setup.cfg, setup.dist
+        self.state_path = os.path.join(folder, "last.pt")
+        self.metrics_path = os.path.join(folder, "metrics.jsonl")
+        self.config = dict(as_dict(self.cfg), student=name, kind=kind,
+                           views_used=setup.views.describe() if setup.views else None, world_size=self.dist.world_size)
+
+    def start(self) -> tuple[Run, torch.nn.Module, _Loaders]:
+        """The student (same init for its KD and baseline runs, on every rank), its adapters, optimizer,
+        data order and teacher side; config.json written."""
+        cfg, setup, device = self.cfg, self.setup, self.setup.device
+        teacher = None if self.kind == "baseline" else setup.teacher
+        torch.manual_seed(cfg.seed)
+        train_data = setup.train_data
+        model = create_model(self.name, num_classes=train_data.num_classes, in_chans=train_data.in_chans).to(device)
+        feature_kd = feature_weight = None
+        if teacher is not None and setup.pairs:  # after the student, so its init is the same with or without adapters
+            feature_kd = features.build_feature_kd(setup.pairs, model, teacher, features.probe_batch(train_data.dataset, device))
+            feature_weight = Schedule(cfg.feature_weight_schedule, cfg.feature_weight_start, cfg.feature_weight)
+        optimizer = make_optimizer(cfg, model, feature_kd)
+        dataset = setup.views or WithIndex(train_data.dataset)
+        sampler = setup.sampler(dataset)
+        if teacher is not None:
+            teacher = teacher.follow(sampler)  # streamed targets are read in this run's order
+        data = _Loaders(dataset, sampler, _loader(dataset, cfg, sampler=sampler),
+                        _loader(WithIndex(setup.test_data.dataset), cfg, batch_size=256))  # eval transform, one view
+        trained = model
+        if self.dist.world_size > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        alpha = Schedule(cfg.alpha_schedule, cfg.alpha_start, cfg.alpha) if teacher is not None else None
+        run = Run(trained, optimizer, cfg, device, cfg.epochs * len(data.train), teacher,
+                  alpha, feature_kd, feature_weight, self.dist)
+        if self.dist.is_main:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(os.path.join(self.folder, "config.json"), "w") as f:
+                json.dump(self.config, f, indent=2)
+        return run, model, data
+
+    def train(self, run: Run, model: torch.nn.Module, data: _Loaders) -> tuple[dict, list]:
+        """Every epoch from the saved state on (--resume), each evaluated, logged and saved by rank 0;
+        returns the last epoch's metrics (on every rank) and the per-step losses."""
+        cfg, dist, views = self.cfg, self.dist, self.setup.views
+        started = time.perf_counter()
+        history, first_epoch = [], 0
+        if cfg.resume and os.path.exists(self.state_path):
+            first_epoch, history, elapsed = load_training_state(self.state_path, model, run.optimizer, run.feature_kd)
+            started -= elapsed
+            if dist.is_main:
+                log.info(f"{self.name}: resuming after epoch {first_epoch}")
+        if dist.is_main:
+            _keep_lines(self.metrics_path, first_epoch)  # epochs past the saved state are trained again
+        metrics = {}
         for epoch in range(first_epoch, cfg.epochs):
             if views is not None:
                 views.set_epoch(epoch)  # which view each sample trains on: a function of seed, epoch, sample
-            sampler.set_epoch(epoch)  # the order: a function of seed and epoch, so resuming needs no RNG state
-            if teacher is not None:
-                teacher.start_epoch(epoch)
+            data.sampler.set_epoch(epoch)  # the order: a function of seed and epoch, so resuming needs no RNG state
+            if run.teacher is not None:
+                run.teacher.start_epoch(epoch)
             epoch_started = time.perf_counter()
-            with Progress(len(dataset) // dist.world_size, f"{name} {kind} epoch {epoch + 1}/{cfg.epochs}",
+            with Progress(len(data.dataset) // dist.world_size, f"{self.name} {self.kind} epoch {epoch + 1}/{cfg.epochs}",
                           enabled=dist.is_main) as progress:
-                stats = train_one_epoch(trained, train_loader, optimizer, teacher, cfg, step=epoch * len(train_loader),
-                                        total_steps=total, alpha_schedule=alpha_schedule, device=device,
-                                        feature_kd=feature_kd, feature_schedule=feature_schedule, dist=dist,
-                                        progress=progress)
+                stats = train_one_epoch(run, data.train, step=epoch * len(data.train), progress=progress)
             history.extend(stats.pop("step_losses"))
             if dist.is_main:
-                metrics = {"epoch": epoch + 1, **stats, **evaluate(model, test_loader, device, teacher_pred),
+                metrics = {"epoch": epoch + 1, **stats, **evaluate(model, data.test, run.device, self.setup.teacher_pred),
                            "seconds": round(time.perf_counter() - started, 3)}
-                with open(metrics_path, "a") as f:
+                with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                log.info(epoch_line(name, kind, cfg.epochs, metrics, time.perf_counter() - epoch_started))
-                save_training_state(state_path, epoch + 1, history, metrics["seconds"], model, optimizer, feature_kd)
+                log.info(epoch_line(self.name, self.kind, cfg.epochs, metrics, time.perf_counter() - epoch_started))
+                save_training_state(self.state_path, epoch + 1, history, metrics["seconds"], model, run.optimizer,
+                                    run.feature_kd)
             distributed.barrier(dist)  # the others wait while rank 0 evaluates and saves
-    finally:
-        if teacher is not None:
-            teacher.close()
-    metrics = distributed.broadcast_object(metrics, dist)
-    row = {"student": name, "kind": kind, "params": count_parameters(model), "epochs": cfg.epochs,
-           "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
-           "seconds": metrics["seconds"], "folder": folder}
-    if dist.is_main:
-        # the adapters are a training aid: the checkpoint is the student alone, a plain model
-        save_checkpoint(os.path.join(folder, "model.pt"), model.cpu(), arch=name, arch_kwargs={},
-                        num_classes=train_data.num_classes, in_chans=train_data.in_chans,
-                        config=run_config, metrics=metrics)
-        os.remove(state_path)  # the finished checkpoint supersedes it
-        from kdcache.plots import plot_history  # deferred: matplotlib only once a student is done
+        return distributed.broadcast_object(metrics, dist), history
 
-        plot_history(_read_metrics(metrics_path), os.path.join(folder, "curves.png"), title=f"{name} ({kind})")
-        log.info(student_line(row))  # as soon as it is trained, not after the whole sweep
-    distributed.barrier(dist)
-    row["step_losses"] = history
-    return row
+    def finish(self, model: torch.nn.Module, metrics: dict, history: list) -> dict:
+        """model.pt (the student alone: the adapters are a training aid), curves.png, the student's line."""
+        train_data = self.setup.train_data
+        row = {"student": self.name, "kind": self.kind, "params": count_parameters(model), "epochs": self.cfg.epochs,
+               "top1": metrics["top1"], "top5": metrics["top5"], "agreement": metrics.get("agreement"),
+               "seconds": metrics["seconds"], "folder": self.folder}
+        if self.dist.is_main:
+            save_checkpoint(os.path.join(self.folder, "model.pt"), model.cpu(), arch=self.name, arch_kwargs={},
+                            num_classes=train_data.num_classes, in_chans=train_data.in_chans,
+                            config=self.config, metrics=metrics)
+            os.remove(self.state_path)  # the finished checkpoint supersedes it
+            from kdcache.plots import plot_history  # deferred: matplotlib only once a student is done
+
+            plot_history(_read_metrics(self.metrics_path), os.path.join(self.folder, "curves.png"),
+                         title=f"{self.name} ({self.kind})")
+            log.info(student_line(row))  # as soon as it is trained, not after the whole sweep
+        distributed.barrier(self.dist)
+        row["step_losses"] = history
+        return row
 
 
 def save_training_state(path, epoch, history, seconds, model, optimizer, feature_kd) -> None:

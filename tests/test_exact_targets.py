@@ -224,7 +224,7 @@ def test_the_store_records_the_precision_the_teacher_ran_in(fp32_cache):
 
 def test_a_nan_training_loss_stops_training_naming_the_epoch_and_step():
     from kdcache.config import TrainConfig
-    from kdcache.train import train_one_epoch
+    from kdcache.train import Run, train_one_epoch
 
     model = torch.nn.Linear(4, 3)
     xs, ys = torch.randn(12, 4), torch.randint(0, 3, (12,))
@@ -238,5 +238,6 @@ def test_a_nan_training_loss_stops_training_naming_the_epoch_and_step():
 
     cfg = TrainConfig(students=["x"], lr=0.1)
     with pytest.raises(KDCacheError, match=r"NaN or inf in epoch 2, step 1 of 3"):
-        train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), teacher, cfg, step=3,
-                        total_steps=6, alpha_schedule=Schedule("constant", 0.0, 0.5), device="cpu")
+        run = Run(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, torch.device("cpu"), total_steps=6,
+                  teacher=teacher, alpha=Schedule("constant", 0.0, 0.5))
+        train_one_epoch(run, loader, step=3)
