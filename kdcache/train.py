@@ -396,13 +396,18 @@ def save_training_state(path, epoch, history, seconds, model, optimizer, feature
 
 
 def load_training_state(path, model, optimizer, feature_kd) -> tuple[int, list, float]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if feature_kd is not None and state["adapters"] is not None:
-        feature_kd.load_state_dict(state["adapters"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]), state["history"].tolist(), float(state["seconds"])
+    try:  # a file on disk: truncated, or another run's, it is one line (it was an OSError traceback)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if feature_kd is not None and state["adapters"] is not None:
+            feature_kd.load_state_dict(state["adapters"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["epoch"]), state["history"].tolist(), float(state["seconds"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KDCacheError(f"the training state {path} cannot be restored ({first}); it is damaged or another "
+                           "run's: pass --overwrite to train this student from the start") from None
 
 
 def _keep_lines(path: str, n: int) -> None:

@@ -113,6 +113,30 @@ def test_killed_training_resumes_from_its_last_epoch_to_the_same_metrics(fp32_ca
     assert not (run / "last.pt").exists()
 
 
+def test_a_damaged_training_state_is_one_line_on_resume(fp32_cache, tmp_path, monkeypatch):
+    import kdcache.train as train_mod
+
+    opts = dict(cache=fp32_cache, students=["cnn_tiny"], dataset="digits", epochs=2, batch_size=128,
+                out=str(tmp_path))
+    real_evaluate, calls = train_mod.evaluate, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_student(**opts)
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    state = tmp_path / "cnn_tiny" / "last.pt"
+    state.write_bytes(state.read_bytes()[:5000])  # truncated, as by a full disk or a bad copy
+    with pytest.raises(KDCacheError, match="training state .*last.pt cannot be restored .*pass --overwrite"):
+        train_student(resume=True, **opts)
+    assert train_student(overwrite=True, **opts)[0]["top1"] > 0
+
+
 def test_a_resumed_sweep_skips_students_already_finished(fp32_cache, tmp_path, capsys):
     train_student(cache=fp32_cache, students=["cnn_tiny"], out=str(tmp_path), **FAST)
     stamp = (tmp_path / "cnn_tiny" / "model.pt").stat().st_mtime_ns
