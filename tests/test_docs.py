@@ -285,6 +285,22 @@ def test_no_two_pages_write_into_the_same_runs_folder():
     assert shared == {}
 
 
+def test_make_demo_deletes_only_what_its_own_pipeline_writes():
+    """`make demo` starts afresh by deleting its folder: no other pipeline or page writes there."""
+    make = open(os.path.join(ROOT, "Makefile")).read()
+    demos = re.findall(r"rm -rf (runs/[\w-]+)\n\t\$\(BIN\)/kdcache run (pipelines/[\w.-]+)", make)
+    assert len(demos) >= 2, "the Makefile's demo recipes changed; update this test"
+    folder = os.path.join(ROOT, "pipelines")
+    outs = {f"pipelines/{f}": re.findall(r"^\s+out: (\S+)", open(os.path.join(folder, f)).read(), re.M)
+            for f in os.listdir(folder) if f.endswith(".yaml")}
+    for deleted, own in demos:
+        assert outs[own] and all(out.startswith(deleted + "/") for out in outs[own])
+        for pipeline, written in outs.items():
+            assert pipeline == own or not any(out.startswith(deleted + "/") for out in written), pipeline
+        for page in ["README.md", *PAGES]:
+            assert not re.search(rf"--out[ =]{deleted}/", open(page_path(page)).read()), page
+
+
 def test_architecture_page_names_every_module():
     text = open(os.path.join(DOCS, "architecture.md")).read()
     package = os.path.join(ROOT, "kdcache")

@@ -42,3 +42,20 @@ def test_readme_python_api_example_runs_twice_in_the_same_folder(tmp_path, monke
 def test_readme_console_sessions_print_what_they_show(tmp_path, teacher_ckpt):
     assert blocks(open(page_path("README.md")).read(), "console")
     check_page("README.md", tmp_path, teacher_ckpt)
+
+
+def test_readme_demo_and_hand_stage_numbers_agree():
+    """The demo and the hand stages train the same teacher and students with the same options and
+    seed (minutes, so not re-run here): the tables, student lines and teacher top-1 they show must
+    be one run's, row for row."""
+    def rows(text: str) -> dict:  # {(student, kind): (top1, agree)} of a summary table
+        return {m.group(1, 2): m.group(3, 4) for m in re.finditer(r"^(\w+) +[\d,]+ (kd|baseline) +([\d.]+) +([\d.]+)$",
+                                                                   text, re.M)}
+
+    tables = [m.group(2) for m in blocks(readme(), "text") if "params kind" in m.group(2)]
+    demo, hand = map(rows, tables)
+    assert hand and all(hand[run] == demo[run] for run in hand)
+    teacher = {re.search(r"^teacher +([\d.]+)$", text, re.M).group(1) for text in tables}
+    assert teacher == {re.search(r"split test: .*teacher top-1 ([\d.]+)%", readme()).group(1)}
+    finished = re.findall(r"^ +(\w+) +(kd|baseline)  top1 +([\d.]+)  \(", readme(), re.M)
+    assert finished and all(top1 == demo[name, kind][0] for name, kind, top1 in finished)
