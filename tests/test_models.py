@@ -312,3 +312,15 @@ def test_the_same_weights_have_one_hash_in_any_file(tmp_path):
     assert len(hashes) == 1
     torch.manual_seed(1)
     assert weights_sha256(create_model("cnn_tiny", num_classes=10)) not in hashes  # other weights, another hash
+
+
+def test_a_damaged_checkpoint_and_one_of_pickled_objects_get_their_own_advice(tmp_path, teacher_ckpt):
+    whole = open(teacher_ckpt, "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: len(whole) // 2])  # a copy that stopped half way
+    with pytest.raises(KDCacheError, match=r"is damaged or not a torch.save file .*; save or copy it again"):
+        load_checkpoint(str(cut))
+    objects = tmp_path / "objects.pt"
+    torch.save({"model": KDCacheError}, objects)  # a class: pickled code, which weights_only refuses
+    with pytest.raises(KDCacheError, match=r"cannot be read by torch.load\(weights_only=True\).*save plain data"):
+        load_checkpoint(str(objects))

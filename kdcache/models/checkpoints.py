@@ -88,6 +88,9 @@ def _torch_load(path: str, what: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" not in str(e).lower() and "weights_only" not in str(e):  # not objects refused, but bytes
+            raise KDCacheError(f"{what} {path} is damaged or not a torch.save file ({first}); save or copy it "
+                               "again") from None
         raise KDCacheError(
             f"{what} {path} cannot be read by torch.load(weights_only=True) ({first}); "
             "save plain data, e.g. torch.save(model.state_dict(), path)"
