@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -254,6 +255,8 @@ def broken_links(page: str) -> list[str]:
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(open(page_path(p)).read(), "console")])
 def test_console_sessions_of_docs_page_print_what_they_show(page, tmp_path, teacher_ckpt):
+    if torch.get_num_threads() != THREADS:  # KDCACHE_TEST_THREADS: other threads sum in another order
+        pytest.skip(f"the shown outputs are those of {THREADS} torch threads, and this run has {torch.get_num_threads()}")
     check_page(page, tmp_path, teacher_ckpt)
 
 
