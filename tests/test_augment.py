@@ -11,6 +11,7 @@ from kdcache.data import load_split
 from kdcache.errors import KDCacheError
 from kdcache.store.records import rows_written
 from helpers.crashing import Exploding
+from helpers.interrupted import kill_in_epoch
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)
 ON_TEST = dict(train_split="test", test_split="test")  # 360 samples: training on the small split keeps tests fast
@@ -175,22 +176,12 @@ def test_replay_is_the_same_in_dataloader_workers(mixed_cache):
 
 
 def test_killed_training_on_views_resumes_to_the_same_metrics(mixed_cache, tmp_path, monkeypatch):
-    import kdcache.train as train_mod
-
     opts = dict(cache=mixed_cache, students=["cnn_tiny"], dataset="digits", epochs=2, batch_size=64, **ON_TEST)
     train_student(out=str(tmp_path / "full"), **opts)
-    real_evaluate, calls = train_mod.evaluate, []
-
-    def killed_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_two)
+    revive = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
         train_student(out=str(tmp_path / "run"), **opts)
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    revive()
     train_student(out=str(tmp_path / "run"), resume=True, **opts)
 
     def metrics(folder):

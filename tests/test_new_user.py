@@ -5,6 +5,7 @@ import os
 import pytest
 
 from helpers.cli import one_line, run
+from helpers.interrupted import kill_in_epoch
 
 
 @pytest.fixture
@@ -121,21 +122,12 @@ def test_an_imagefolder_keeps_its_images_size_unless_told_and_refuses_unknown_op
 
 
 def test_rerunning_a_killed_training_without_resume_is_refused_not_started_over(tmp_path, capsys, monkeypatch):
-    import kdcache.train as train_mod
     from kdcache import train_student
 
-    real_evaluate, calls = train_mod.evaluate, []
-
-    def killed_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_two)
+    revive = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         train_student(students=["cnn_tiny"], dataset="digits", epochs=2, out=str(tmp_path))
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    revive()
     assert (tmp_path / "cnn_tiny" / "last.pt").exists()
     code, _, err = run(capsys, "train-student", "--student", "cnn_tiny", "--dataset", "digits", "--epochs", "2",
                        "--out", tmp_path)

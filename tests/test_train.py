@@ -12,6 +12,7 @@ from kdcache.errors import KDCacheError
 from kdcache.models import build_teacher
 from kdcache.train import lr_factor, objective
 from kdcache.config import TrainConfig
+from helpers.interrupted import kill_in_epoch
 
 FAST = dict(dataset="digits", epochs=1, batch_size=128)
 
@@ -89,47 +90,27 @@ def _metrics(folder):
 
 
 def test_killed_training_resumes_from_its_last_epoch_to_the_same_metrics(fp32_cache, tmp_path, monkeypatch):
-    import kdcache.train as train_mod
-
     opts = dict(cache=fp32_cache, students=["cnn_tiny"], dataset="digits", epochs=3, batch_size=128,
                 alpha_schedule="linear")
     train_student(out=str(tmp_path / "full"), **opts)
-    real_evaluate, calls = train_mod.evaluate, []
-
-    def killed_in_epoch_three(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_three)
+    revive = kill_in_epoch(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="killed"):
         train_student(out=str(tmp_path / "run"), **opts)
     run = tmp_path / "run" / "cnn_tiny"
     assert (run / "last.pt").exists() and not (run / "model.pt").exists() and len(_metrics(run)) == 2
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    revive()
     train_student(out=str(tmp_path / "run"), resume=True, **opts)
     assert _metrics(run) == _metrics(tmp_path / "full" / "cnn_tiny")
     assert not (run / "last.pt").exists()
 
 
 def test_a_damaged_training_state_is_one_line_on_resume(fp32_cache, tmp_path, monkeypatch):
-    import kdcache.train as train_mod
-
     opts = dict(cache=fp32_cache, students=["cnn_tiny"], dataset="digits", epochs=2, batch_size=128,
                 out=str(tmp_path))
-    real_evaluate, calls = train_mod.evaluate, []
-
-    def killed_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", killed_in_epoch_two)
+    revive = kill_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
         train_student(**opts)
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    revive()
     state = tmp_path / "cnn_tiny" / "last.pt"
     state.write_bytes(state.read_bytes()[:5000])  # truncated, as by a full disk or a bad copy
     with pytest.raises(KDCacheError, match="training state .*last.pt cannot be restored .*pass --overwrite"):
