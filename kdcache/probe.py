@@ -6,7 +6,7 @@ measure of the student that comes out: on digit-pairs at T 4 the sparse top-k ta
 their tail less than the real teacher (losses.soft_target_topk), train students 5-8 points better than
 the faithful float16 ones (make bench, section 8). A probe measures that instead of assuming it: for
 each candidate within the budget, the store is converted to it and one short run of the probe student
-(one epoch, a seed no default run uses) trains from it; candidates rank by the probe's test top-1.
+(PROBE_STEPS steps, a seed no default run uses) trains from it; candidates rank by the probe's test top-1.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from kdcache.models import create_model
 from kdcache.progress import log
 from kdcache.sweep import train_student
 
-__all__ = ["PROBE_STEPS", "auto_epochs", "PROBE_SEED", "PROBE_STUDENT", "probe_candidates", "student_ranker"]
+__all__ = ["PROBE_SEED", "PROBE_STEPS", "PROBE_STUDENT", "auto_epochs", "probe_candidates", "student_ranker"]
 
 PROBE_STUDENT = "cnn_tiny"  # the smallest registry student: where the choice of targets matters most, and cheapest
-PROBE_STEPS = 300  # at least this many steps a probe (digits' 23 a epoch learn nothing in one); 1 epoch of digit-pairs
+PROBE_STEPS = 300  # steps of a probe at least: one epoch of digit-pairs; digits' 23 a epoch teach nothing in one
 PROBE_SEED = 1000  # not 0 or 1, the seeds users and make bench train with: the probe is not their run itself
 
 
