@@ -13,7 +13,8 @@ import torch
 
 from kdcache import encodings
 from kdcache import store as stores
-from kdcache.encodings import CODEC_ATTRS, ActivationCodec, LogitCodec, from_storage, recode_topk, to_storage
+from kdcache.encodings import (CODEC_ATTRS, ActivationCodec, LogitCodec, from_storage, recode_topk, stored_dtypes,
+                               to_storage)
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
 from kdcache.store import records, writer
@@ -221,9 +222,9 @@ def _checked_reads(source, split: str, old: LogitCodec, act: ActivationCodec) ->
     """SRC's split read block by block, each block checked against the checksum its writer recorded
     (a missing chunk reads as zeros, silently, and would be converted as data): every array, labels too."""
     stores.block_rows_of(source, split)  # a store written before blocks is refused in its own line
-    dtypes = {name: dt for name, (_, dt) in old.arrays().items()}
-    names = [*dtypes, *(name for name in source.array_names(split) if name not in dtypes)]
-    dtypes.update({name: act.storage_dtype for name in names if name.startswith("activations/")})
+    stored = source.array_names(split)
+    dtypes = stored_dtypes(old, act, [n.removeprefix("activations/") for n in stored if n.startswith("activations/")])
+    names = [*dtypes, *(name for name in stored if name not in dtypes)]
     return stores.CheckedReads(source, split, names, dtypes=dtypes)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kdcache import choices
 from kdcache.errors import KDCacheError
 
-__all__ = ["ActivationCodec", "CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
+__all__ = ["ActivationCodec", "stored_dtypes", "CODEC_ATTRS", "DTYPES", "INDEX_LAYOUTS", "LogitCodec", "Sampled", "TopK", "from_storage", "index_bits", "index_dtype",
            "overflowed", "check_finite", "check_stored", "encode_checked", "pack_indices", "recode_topk", "round_float", "to_storage", "unpack_indices"]
 
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8")  # choices.DTYPES; int8: dense logits only, uint8: top-k values only
@@ -651,6 +651,13 @@ class ActivationCodec:
     def decode(self, values: np.ndarray) -> torch.Tensor:
         t = from_storage(values, self.storage_dtype)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+
+def stored_dtypes(codec: LogitCodec, act: ActivationCodec, activations) -> dict[str, str]:
+    """{array relative to a split: the storage dtype the root attrs say it holds}, for the logit
+    arrays of `codec` and the named `activations` (what checked reads and verify hold arrays to)."""
+    return {**{k: dt for k, (_, dt) in codec.arrays().items()},
+            **{f"activations/{n}": act.storage_dtype for n in activations}}
 
 
 TAIL_EXACT_BELOW = 1e-30  # a tail this far below the top class is summed again, shifted by its own largest logit

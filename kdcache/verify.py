@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache import store as stores
-from kdcache.encodings import ActivationCodec, LogitCodec
+from kdcache.encodings import ActivationCodec, LogitCodec, stored_dtypes
 from kdcache.errors import KDCacheError
 from kdcache.progress import log
 from kdcache.store.records import chunk_checksum
@@ -106,9 +106,7 @@ def _verify_arrays(store, split: str, attrs: dict) -> list[str]:
         codec = LogitCodec.from_attrs(attrs)
     except KDCacheError:  # attrs that training refuses in a line of their own; the blocks are still checked
         return []
-    act_dtype = ActivationCodec.from_attrs(attrs).storage_dtype
-    expected = {**{k: dt for k, (_, dt) in codec.arrays().items()},
-                **{f"activations/{n}": act_dtype for n in attrs.get("activations", {})}, "labels": None}
+    expected = {**stored_dtypes(codec, ActivationCodec.from_attrs(attrs), attrs.get("activations", {})), "labels": None}
     problems = []
     for name, dtype in expected.items():
         if not store.has_array(f"{split}/{name}"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kdcache import store as stores
-from kdcache.encodings import ActivationCodec, LogitCodec, from_storage
+from kdcache.encodings import ActivationCodec, LogitCodec, from_storage, stored_dtypes
 
 
 def _stored(reads, name: str, device) -> torch.Tensor:
@@ -22,8 +22,7 @@ def _stored(reads, name: str, device) -> torch.Tensor:
 def _checked_reads(store, split: str, codec: LogitCodec, activations: list, attrs: dict) -> stores.CheckedReads:
     """The checked reads of a load of the split's targets: logits, the named activations, labels,
     each of the storage dtype the root attrs say."""
-    act_dtype = ActivationCodec.from_attrs(attrs).storage_dtype
-    dtypes = {**{k: dt for k, (_, dt) in codec.arrays().items()}, **{f"activations/{n}": act_dtype for n in activations}}
+    dtypes = stored_dtypes(codec, ActivationCodec.from_attrs(attrs), activations)
     return stores.CheckedReads(store, split, [*dtypes, "labels"], dtypes=dtypes)
 
 
