@@ -79,7 +79,9 @@ def test_two_process_gloo_dump_of_an_uneven_split_equals_the_one_process_dump(te
 def test_two_process_dump_killed_part_way_resumes_with_one_process(teacher_ckpt, config, single, tmp_path):
     out = str(tmp_path / "c.zarr")
     # sample 1200 is rank 1's (train rows 768..1436): it dies there, and torchrun takes rank 0 down
-    run = kdcache(dump_args(teacher_ckpt, out, config), nproc=2, env={"KDCACHE_TEST_KILL_AT": "1200"})
+    run = kdcache(dump_args(teacher_ckpt, out, config), nproc=2, env={"KDCACHE_TEST_KILL_AT": "1200",
+                                                                    "KDCACHE_TEST_KILL_WHEN_WRITTEN": out + ".partial",
+                                                                    "KDCACHE_TEST_KILL_WHEN_RECORD": "24-45"})
     assert run.returncode != 0 and not os.path.exists(out)
     with stores.open_store(out + ".partial") as s:
         assert not s.get_attrs()["complete"] and not s.get_attrs("train")["complete"]
